@@ -1,0 +1,37 @@
+# Two commands for a fresh clone:  `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv when it is missing and install the project into it.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# On machines without CUDA, pin the CPU torch build in the same pip call, so pip does not pull a CUDA torch.
+TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
+EXTRAS ?= test,eval
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow demo bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "nemo-upcycle needs Python >= 3.10, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-$(EXTRAS): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --disable-pip-version-check -q $(TORCH) -e ".[$(EXTRAS)]"
+	@touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/nemo-upcycle demo
+
+bench: install
+	$(BIN)/python benchmarks/moe_layer.py
+
+clean:
+	rm -rf $(VENV) demo_out bench_out .pytest_cache

@@ -1,0 +1,50 @@
+"""`nemo-upcycle <command>`: argument parsing only; each command lives in its own module and does the work.
+
+Bad input (`UpcycleError`) is printed as one line, `error: ...`, with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nemo_upcycle import __version__
+from nemo_upcycle.errors import UpcycleError
+
+# command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS = {
+    "demo": ("nemo_upcycle.demo", "upcycle a small dense Nemotron to E8G1T2 and E8G8T8 and check step-0 equivalence"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nemo-upcycle",
+        description="Upcycle dense GPT checkpoints into Mixture-of-Experts models (arXiv 2410.07524).",
+    )
+    parser.add_argument("--version", action="version", version=f"nemo-upcycle {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UpcycleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: real text available offline (CPython's standard library), tokenizers, Megatron datasets."""

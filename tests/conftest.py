@@ -1,0 +1,40 @@
+"""Shared fixtures: small model configs, randomised weights, and one Megatron-core process group on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_upcycle.models import GPTConfig, GPTModel
+
+
+def small_config(**overrides) -> GPTConfig:
+    """A Nemotron-shaped toy: squared-ReLU, layernorm1p, RoPE on half the head, grouped-query attention."""
+    values = dict(
+        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        vocab_size=96, seq_length=32, rotary_percentage=0.5, activation="squared-relu",
+        normalization="layernorm1p",
+    )
+    values.update(overrides)
+    return GPTConfig(**values)
+
+
+def random_model(cfg: GPTConfig, seed: int = 0, scale: float = 0.05) -> GPTModel:
+    """A model whose every parameter (norms and biases included) is perturbed, so no weight is trivially 0/1."""
+    torch.manual_seed(seed)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+@pytest.fixture(scope="session")
+def megatron():
+    """Megatron-core initialised once for the session: gloo group of one, TP=PP=EP=1, CPU shims applied."""
+    from nemo_upcycle.compat import init_single_process_megatron
+
+    init_single_process_megatron()
+    import megatron.core
+
+    return megatron.core
