@@ -2,9 +2,8 @@
 transfer to and from the reference model's (local-spec) state dict.
 
 With Transformer Engine (GPUs) the TE spec is used, with grouped-GEMM experts when asked; without it, the local
-spec. One CPU detail: the local spec's torch LayerNorm has no zero-centred gamma, so a layernorm1p model is
-built as plain LayerNorm and its norm weights are stored as gamma = weight + 1 inside the Megatron model
-(`fold_layernorm1p`), converted back on the way out.
+spec, with two adjustments so its checkpoints equal the TE spec's: layernorm1p norms (Megatron's torch norm
+wrapper refuses zero-centred gamma) and the `pre_mlp_layernorm` name in MoE layers.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ def transformer_config(cfg: GPTConfig, use_te: bool = False, **overrides: Any):
         activation_func=fn,
         gated_linear_unit=act.gated,
         normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm",
-        layernorm_zero_centered_gamma=cfg.normalization == "layernorm1p" and use_te,
+        layernorm_zero_centered_gamma=cfg.normalization == "layernorm1p",
         layernorm_epsilon=cfg.layernorm_epsilon,
         add_bias_linear=cfg.bias,
         add_qkv_bias=cfg.qkv_bias,
@@ -92,6 +91,10 @@ def build_megatron_gpt(cfg: GPTConfig, use_te: bool | None = None, grouped_gemm:
         config_overrides.setdefault("moe_grouped_gemm", True)
     tc = transformer_config(cfg, use_te=use_te, **config_overrides)
     spec = get_gpt_decoder_block_spec(tc, use_transformer_engine=use_te)
+    if not use_te:
+        _checkpoint_moe_norm_like_te(spec)
+        if cfg.normalization == "layernorm1p":
+            _use_zero_centred_norms(spec)
     return MegatronGPTModel(
         config=tc,
         transformer_layer_spec=spec,
@@ -104,13 +107,48 @@ def build_megatron_gpt(cfg: GPTConfig, use_te: bool | None = None, grouped_gemm:
     )
 
 
-def fold_layernorm1p(state_dict: dict[str, torch.Tensor], cfg: GPTConfig, sign: int = 1) -> dict[str, torch.Tensor]:
-    """Add (sign=+1) or remove (-1) the implicit 1 of layernorm1p norm weights, for models whose norms
-    cannot do it themselves (Megatron's local spec on CPU)."""
-    if cfg.normalization != "layernorm1p":
-        return state_dict
-    norm_weight = ("layernorm.weight", "layer_norm_weight")
-    return {k: (v + sign if k.endswith(norm_weight) else v) for k, v in state_dict.items()}
+def _checkpoint_moe_norm_like_te(block_spec) -> None:
+    """Megatron's local spec renames every layer's `pre_mlp_layernorm` to `mlp.linear_fc1.layer_norm_*` in
+    checkpoints, MoE layers included; the TE spec (what NeMo and Megatron-LM train with) keeps
+    `pre_mlp_layernorm` in MoE layers, where the norm is not fused into fc1. Follow the TE spec so checkpoints
+    of the local-spec model and of the TE-spec model are interchangeable."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for layer_spec in block_spec.layer_specs:
+        sub = layer_spec.submodules
+        if getattr(sub.mlp, "module", None) is MoELayer:
+            sub.sharded_state_dict_keys_map = {
+                k: v for k, v in sub.sharded_state_dict_keys_map.items() if k != "pre_mlp_layernorm."
+            }
+
+
+class LayerNorm1P(torch.nn.LayerNorm):
+    """LayerNorm with zero-centred gamma (stored weight = gamma - 1) for Megatron's local spec, whose torch norm
+    wrapper refuses `layernorm_zero_centered_gamma`; Transformer Engine's norm does the same on GPUs."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+def _use_zero_centred_norms(block_spec) -> None:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    def swap(holder, attr: str) -> None:
+        if getattr(holder, attr, None) is WrappedTorchNorm:
+            setattr(holder, attr, LayerNorm1P)
+
+    swap(block_spec, "layer_norm")
+    for layer_spec in block_spec.layer_specs:
+        sub = layer_spec.submodules
+        swap(sub, "input_layernorm")
+        swap(sub, "pre_mlp_layernorm")
+        attention = getattr(sub.self_attention, "submodules", None)
+        for attr in ("q_layernorm", "k_layernorm"):
+            swap(attention, attr)
 
 
 def _uses_te(model) -> bool:
@@ -123,8 +161,6 @@ def load_reference_weights(model, state_dict: dict[str, torch.Tensor], cfg: GPTC
     """Copy a reference-model (local-spec) state dict into a Megatron GPTModel, checking every key."""
     use_te = _uses_te(model)
     sd = local_to_te(state_dict, cfg.moe_layer_pattern()) if use_te else state_dict
-    if not model.config.layernorm_zero_centered_gamma:
-        sd = fold_layernorm1p(sd, cfg, +1)
     target = model.state_dict()
     missing = [k for k in target if not is_extra_state(k) and k not in sd]
     unexpected = [k for k in sd if k not in target]
@@ -139,13 +175,10 @@ def load_reference_weights(model, state_dict: dict[str, torch.Tensor], cfg: GPTC
             target[k].copy_(v)
 
 
-def reference_weights(model, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+def reference_weights(model) -> dict[str, torch.Tensor]:
     """A Megatron GPTModel's weights as a reference-model (local-spec) state dict."""
     sd = {k: v for k, v in model.state_dict().items() if not is_extra_state(k) and isinstance(v, torch.Tensor)}
-    sd = te_to_local(sd)
-    if not model.config.layernorm_zero_centered_gamma:
-        sd = fold_layernorm1p(sd, cfg, -1)
-    return sd
+    return te_to_local(sd)
 
 
 def megatron_forward(model, tokens: torch.Tensor) -> torch.Tensor:

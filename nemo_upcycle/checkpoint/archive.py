@@ -1,0 +1,252 @@
+"""Safe access to checkpoint files: `.nemo` tars (validated before anything is read), read-only file windows
+into uncompressed tars (no extraction), atomic outputs, free-disk checks.
+
+A `.nemo` file is a tar whose members are named `./model_config.yaml`, `./model_weights/...` and so on. We
+refuse absolute paths, `..`, links and special files before reading or extracting anything, and read members
+of an uncompressed tar in place, through offset windows, so a 100 GB checkpoint is never copied.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import IO, Iterator
+
+from nemo_upcycle.errors import UpcycleError
+
+
+def _normalise(name: str) -> str:
+    """`./model_weights/x` -> `model_weights/x`; rejects unsafe names."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise UpcycleError(f"unsafe member '{name}' in the archive (absolute path or '..'): refusing to read it")
+    return str(PurePosixPath(*[part for part in p.parts if part != "."])) if p.parts else ""
+
+
+class TarArchive:
+    """Index of a `.nemo` tar (plain or gzip): member name -> TarInfo, validated as a whole when opened."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._tar = tarfile.open(self.path, "r:*")
+            members = self._tar.getmembers()
+        except tarfile.ReadError as err:
+            raise UpcycleError(f"{self.path} is not a readable tar archive ({err}): pass a .nemo file or directory")
+        except (EOFError, OSError, tarfile.TarError) as err:
+            raise UpcycleError(f"{self.path} is truncated or corrupt ({err}): re-download or re-copy it")
+        with open(self.path, "rb") as f:
+            self.compressed = f.read(2) == b"\x1f\x8b"  # gzip magic
+        self.members: dict[str, tarfile.TarInfo] = {}
+        size = self.path.stat().st_size
+        for m in members:
+            name = _normalise(m.name)
+            if m.issym() or m.islnk():
+                raise UpcycleError(f"archive member '{m.name}' is a link: refusing to read {self.path}")
+            if not (m.isfile() or m.isdir()):
+                raise UpcycleError(f"archive member '{m.name}' is not a regular file: refusing to read {self.path}")
+            if m.isfile() and not self.compressed and m.offset_data + m.size > size:
+                raise UpcycleError(f"{self.path} is truncated: member '{m.name}' runs past the end of the file")
+            if name:
+                self.members[name] = m
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def names(self) -> list[str]:
+        return [n for n, m in self.members.items() if m.isfile()]
+
+    def read_bytes(self, name: str) -> bytes:
+        member = self.members.get(name)
+        if member is None or not member.isfile():
+            raise UpcycleError(f"'{name}' is missing from {self.path}")
+        f = self._tar.extractfile(member)
+        assert f is not None
+        return f.read()
+
+    def window(self, name: str) -> "FileWindow":
+        """A seekable read-only view of one member's bytes inside an uncompressed tar (no copy)."""
+        if self.compressed:
+            raise UpcycleError(f"{self.path} is compressed: windows need an uncompressed tar (use extract_to)")
+        m = self.members[name]
+        return FileWindow(self.path, m.offset_data, m.size)
+
+    def extract_to(self, prefix: str, dest: Path) -> Path:
+        """Extract the members under `prefix` (already validated) into dest; returns dest/prefix."""
+        for name, m in self.members.items():
+            if m.isfile() and (name == prefix or name.startswith(prefix.rstrip("/") + "/")):
+                target = dest / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = self._tar.extractfile(m)
+                assert src is not None
+                with open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 16 << 20)
+        return dest / prefix
+
+
+class FileWindow(io.RawIOBase):
+    """A read-only, seekable file-like object over bytes [offset, offset+size) of a file."""
+
+    def __init__(self, path: Path, offset: int, size: int):
+        super().__init__()
+        self._f: IO[bytes] = open(path, "rb")
+        self._start, self._size, self._pos = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, min(self._size, base + pos))
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------
+
+def check_output_path(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UpcycleError(f"{path} already exists: choose another output path or pass --overwrite")
+
+
+def check_free_disk(path: Path, need_bytes: int) -> None:
+    """Refuse to start when the output's file system cannot hold `need_bytes` (plus 5% slack)."""
+    parent = path.parent if path.parent.exists() else Path(".")
+    free = shutil.disk_usage(parent).free
+    if need_bytes * 1.05 > free:
+        raise UpcycleError(
+            f"not enough free disk for {path}: need {need_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free on "
+            f"{parent.resolve()}: free space or write elsewhere"
+        )
+
+
+@contextmanager
+def atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling path to write into; rename it to `path` only when the block completes.
+
+    An interrupted run leaves only a `.<name>.tmp-*` entry, never something that looks like a finished output.
+    """
+    path = Path(path)
+    check_output_path(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    target = tmp / path.name  # the caller creates it (a file, or a directory when is_dir)
+    try:
+        yield target
+        if path.exists():  # overwrite was allowed
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(target, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+
+
+class TarWriter:
+    """Writes an uncompressed tar member by member, each member's bytes streamed straight into the archive
+    (its header is written as a placeholder and fixed once the size is known), so a `.nemo` is packed while
+    it is written, without a second copy on disk. Member names follow NeMo: `./model_config.yaml`, ..."""
+
+    BLOCK = tarfile.BLOCKSIZE
+
+    def __init__(self, path: Path):
+        self._f = open(path, "wb")
+        self._headers: dict[str, tuple[int, int]] = {}  # name -> (header offset, size)
+        self._write_header(".", 0, tarfile.DIRTYPE)
+
+    def _header(self, name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+        info = tarfile.TarInfo(name if name.startswith("./") or name == "." else f"./{name}")
+        info.size, info.type, info.mode = size, kind, 0o755 if kind == tarfile.DIRTYPE else 0o644
+        info.mtime = int(time.time())
+        buf = info.tobuf(format=tarfile.USTAR_FORMAT)
+        if len(buf) != self.BLOCK:
+            raise UpcycleError(f"member name too long for a tar header: {name}")
+        return buf
+
+    def _write_header(self, name: str, size: int, kind: bytes = tarfile.REGTYPE) -> None:
+        self._headers[name] = (self._f.tell(), size)
+        self._f.write(self._header(name, size, kind))
+
+    def add_dir(self, name: str) -> None:
+        self._write_header(name.rstrip("/") + "/", 0, tarfile.DIRTYPE)
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        with self.member(name) as out:
+            out.write(data)
+
+    @contextmanager
+    def member(self, name: str) -> Iterator["_MemberStream"]:
+        self._write_header(name, 0)
+        stream = _MemberStream(self._f)
+        yield stream
+        size = stream.tell()
+        self._f.write(b"\0" * (-size % self.BLOCK))
+        end = self._f.tell()
+        header_at, _ = self._headers[name]
+        self._f.seek(header_at)
+        self._f.write(self._header(name, size))
+        self._f.seek(end)
+        self._headers[name] = (header_at, size)
+
+    def rename(self, old: str, new: str) -> None:
+        header_at, size = self._headers.pop(old)
+        end = self._f.tell()
+        self._f.seek(header_at)
+        self._f.write(self._header(new, size))
+        self._f.seek(end)
+        self._headers[new] = (header_at, size)
+
+    def exists(self, name: str) -> bool:
+        return name in self._headers
+
+    def close(self) -> None:
+        self._f.write(b"\0" * (2 * self.BLOCK))  # end-of-archive marker
+        self._f.close()
+
+
+class _MemberStream(io.RawIOBase):
+    """Write-only stream into the current tar member; `tell()` counts from the member's first byte."""
+
+    def __init__(self, f: IO[bytes]):
+        super().__init__()
+        self._f, self._n = f, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        n = self._f.write(data)
+        self._n += n
+        return n
+
+    def tell(self) -> int:
+        return self._n
+
+    def close(self) -> None:  # the archive stays open; the member ends when `TarWriter.member` exits
+        pass

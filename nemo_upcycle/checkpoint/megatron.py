@@ -1,0 +1,261 @@
+"""Megatron-LM / Megatron-Bridge torch_dist checkpoints: read (any iteration directory) and write (with the
+matching command-line flags), and the torch_dist tensor layout shared with `.nemo` outputs.
+
+Layout written for Megatron-LM and Megatron-Bridge:
+    OUT/latest_checkpointed_iteration.txt      "0"
+    OUT/iter_0000000/                          torch_dist: .metadata, __0_*.distcp, common.pt, metadata.json
+    OUT/megatron_args.txt                      the model flags for pretrain_gpt.py, one per line
+    OUT/model_config.yaml                      the same model as a NeMo-style config (human-readable)
+Load it with `--load OUT --finetune --no-load-optim --no-load-rng $(cat OUT/megatron_args.txt)` (Megatron-LM)
+or `checkpoint.pretrained_checkpoint=OUT` (Megatron-Bridge).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from nemo_upcycle.checkpoint.archive import TarWriter, atomic_output
+from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, Fetch, TensorInfo, model_order
+from nemo_upcycle.checkpoint.layout import canonical_names, dist_key, empty_extra_state, extra_state_keys
+from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
+from nemo_upcycle.checkpoint.torch_dist import BytesItem, Chunk, DistCheckpointReader, write_dist_checkpoint
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.models.config import GPTConfig
+from nemo_upcycle.models.keys import layer_index
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+# ---- the torch_dist layout of a whole model -------------------------------------------------------------
+
+def write_megatron_dist(path: Path | str, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
+                        prefix: str, tar: TarWriter | None = None, common: dict | None = None) -> None:
+    """Write every tensor of `tensors` (canonical names) as Megatron stores it: TE-spec keys, layers stacked
+    when homogeneous, one chunk per layer (and per expert), `_extra_state` objects where TE expects them.
+
+    Each tensor is fetched once, when its first chunk is written, and dropped after its last one."""
+    items: list[Chunk | BytesItem] = []
+    source: dict[tuple[str, tuple[int, ...]], tuple[str, int | None]] = {}  # chunk -> (name, expert)
+    for name, info in tensors.items():
+        key = dist_key(name, config, prefix)
+        layer = layer_index(name)
+        global_shape = ((config.num_layers,) if key.index else ()) + info.shape
+        experts = range(info.shape[0]) if ".mlp.experts.experts." in key.fqn else [None]
+        for e in experts:
+            index = key.index + (() if e is None else (e,))
+            offsets = index + (0,) * (len(global_shape) - len(index))
+            sizes = (1,) * len(index) + info.shape[len(index) - len(key.index):]
+            items.append(Chunk(key.fqn, global_shape, info.dtype, offsets, sizes, -1 if layer is None else layer))
+            source[(key.fqn, offsets)] = (name, e)
+    extra = empty_extra_state()
+    items += [BytesItem(fqn, extra, layer) for fqn, layer in extra_state_keys(config, prefix)]
+    items.sort(key=lambda item: item.group)  # stable: model order within each layer
+
+    current: dict[str, Any] = {"name": None, "tensor": None}
+
+    def produce(chunk: Chunk) -> torch.Tensor:
+        name, expert = source[(chunk.fqn, chunk.offsets)]
+        if current["name"] != name:
+            current["name"], current["tensor"] = name, None  # drop the previous tensor first
+            current["tensor"] = fetch(name)
+        tensor = current["tensor"] if expert is None else current["tensor"][expert]
+        return tensor.reshape(chunk.sizes)
+
+    write_dist_checkpoint(path, items, produce, common=common, tar=tar)
+
+
+# ---- model config from a Megatron checkpoint ------------------------------------------------------------
+
+def gpt_config_from_megatron_args(args: dict[str, Any], vocab_size: int) -> GPTConfig:
+    """GPTConfig from Megatron-LM's saved command-line args (`common.pt['args']`)."""
+    if args.get("position_embedding_type", "learned_absolute") != "rope":
+        raise UpcycleError("the Megatron checkpoint does not use RoPE (position_embedding_type): unsupported")
+    if args.get("swiglu"):
+        activation = "swiglu"
+    elif args.get("squared_relu"):
+        activation = "squared-relu"
+    else:
+        activation = "gelu"
+    norm = "rmsnorm" if args.get("normalization", "LayerNorm") == "RMSNorm" else "layernorm"
+    if args.get("apply_layernorm_1p"):
+        norm = "layernorm1p"
+    return GPTConfig(
+        num_layers=args["num_layers"], hidden_size=args["hidden_size"], ffn_hidden_size=args["ffn_hidden_size"],
+        num_attention_heads=args["num_attention_heads"],
+        num_query_groups=args.get("num_query_groups") if args.get("group_query_attention") else None,
+        kv_channels=args.get("kv_channels"), vocab_size=vocab_size,
+        seq_length=args.get("max_position_embeddings") or args.get("seq_length") or 4096,
+        activation=activation, normalization=norm, layernorm_epsilon=args.get("norm_epsilon", 1e-5),
+        bias=bool(args.get("add_bias_linear", True)), qkv_bias=bool(args.get("add_qkv_bias", False)),
+        qk_layernorm=bool(args.get("qk_layernorm", False)), rotary_percentage=args.get("rotary_percent", 1.0),
+        rotary_base=float(args.get("rotary_base", 10000)),
+        share_embeddings_and_output_weights=not args.get("untie_embeddings_and_output_weights", False),
+        init_method_std=args.get("init_method_std", 0.02),
+        **({"num_moe_experts": args["num_experts"], "moe_ffn_hidden_size": args.get("moe_ffn_hidden_size"),
+            "moe_router_topk": args.get("moe_router_topk", 2),
+            "moe_router_pre_softmax": bool(args.get("moe_router_pre_softmax", False)),
+            "moe_layer_freq": args.get("moe_layer_freq", 1)} if args.get("num_experts") else {}),
+    )
+
+
+def gpt_config_from_transformer_config(model: dict[str, Any], vocab_size: int) -> GPTConfig:
+    """GPTConfig from a Megatron-Bridge `run_config.yaml` `model:` section (TransformerConfig field names)."""
+    act_target = str((model.get("activation_func") or {}).get("_target_", "gelu")
+                     if isinstance(model.get("activation_func"), dict) else model.get("activation_func", "gelu"))
+    act_name = act_target.rsplit(".", 1)[-1]
+    gated = bool(model.get("gated_linear_unit", False))
+    activation = {("squared_relu", False): "squared-relu", ("silu", True): "swiglu", ("gelu", True): "geglu",
+                  ("relu", True): "reglu"}.get((act_name, gated), act_name)
+    norm = "rmsnorm" if model.get("normalization", "LayerNorm") == "RMSNorm" else "layernorm"
+    if model.get("layernorm_zero_centered_gamma") and norm == "layernorm":
+        norm = "layernorm1p"
+    return gpt_config_from_nemo({
+        **model, "activation": activation, "normalization": norm, "bias": model.get("add_bias_linear", True),
+        "qkv_bias": model.get("add_qkv_bias", False), "rotary_percentage": model.get("rotary_percent", 1.0),
+        "encoder_seq_length": model.get("seq_length"), "position_embedding_type":
+            model.get("position_embedding_type", "learned_absolute"),
+    }, vocab_size)
+
+
+def _load_args(common_pt: Path) -> dict[str, Any] | None:
+    """Megatron-LM's args from common.pt, with weights_only=True (argparse.Namespace allowed, nothing else)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            common = torch.load(common_pt, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any object beyond plain data: fall back to other config sources
+        return None
+    args = common.get("args") if isinstance(common, dict) else None
+    return vars(args) if isinstance(args, argparse.Namespace) else None
+
+
+def resolve_iteration_dir(path: Path) -> Path:
+    """`OUT` (with a tracker file) or `OUT/iter_XXXXXXX` / `OUT/release` -> the torch_dist directory."""
+    if (path / ".metadata").is_file():
+        return path
+    tracker = path / TRACKER
+    if tracker.is_file():
+        it = tracker.read_text().strip()
+        d = path / ("release" if it == "release" else f"iter_{int(it):07d}")
+        if (d / ".metadata").is_file():
+            return d
+    iters = sorted(p for p in path.glob("iter_*") if (p / ".metadata").is_file())
+    if iters:
+        return iters[-1]
+    raise UpcycleError(f"{path} is not a Megatron torch_dist checkpoint (no .metadata, {TRACKER} or iter_*/)")
+
+
+class MegatronReader(CheckpointReader):
+    """A Megatron-LM or Megatron-Bridge torch_dist checkpoint (keys without a prefix, or NeMo's `model.`)."""
+
+    def __init__(self, path: Path | str, model_config: dict[str, Any] | None = None):
+        self.path = resolve_iteration_dir(Path(path))
+        self._dist = DistCheckpointReader(self.path)
+        fqns = list(self._dist.tensors)
+        self.prefix = "model." if any(f.startswith("model.") for f in fqns) else ""
+        self._index: dict[str, tuple[str, tuple[int, ...]]] = {}
+        infos = {}
+        for fqn in fqns:
+            shape, dtype = self._dist.shape(fqn), self._dist.dtype(fqn)
+            for name, index in canonical_names(fqn, shape, self.prefix):
+                if name.startswith(("decoder.", "embedding.", "output_layer.")):
+                    self._index[name] = (fqn, index)
+                    infos[name] = TensorInfo(shape[len(index):], dtype)
+        if "embedding.word_embeddings.weight" not in infos:
+            raise UpcycleError(f"{self.path} holds no GPT embedding (embedding.word_embeddings.weight)")
+        self._infos = model_order(infos)
+        vocab = infos["embedding.word_embeddings.weight"].shape[0]
+        self.config, self.source_config = self._find_config(model_config, vocab)
+
+    def _find_config(self, given: dict[str, Any] | None, vocab: int) -> tuple[GPTConfig, dict[str, Any]]:
+        if given is not None:
+            return gpt_config_from_nemo(given, vocab), dict(given)
+        for run_config in (self.path / "run_config.yaml", self.path.parent / "run_config.yaml"):
+            if run_config.is_file():
+                model = (yaml.safe_load(run_config.read_text()) or {}).get("model")
+                if isinstance(model, dict):
+                    cfg = gpt_config_from_transformer_config(model, vocab)
+                    return cfg, nemo_config_from_gpt(cfg)
+        args = _load_args(self.path / "common.pt")
+        if args is not None:
+            cfg = gpt_config_from_megatron_args(args, vocab)
+            return cfg, nemo_config_from_gpt(cfg)
+        raise UpcycleError(
+            f"no model config found with {self.path} (no run_config.yaml, no args in common.pt): pass "
+            "--model-config CONFIG.yaml (NeMo model_config.yaml fields)"
+        )
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return dict(zip(names, self._dist.read_many([self._index[n] for n in names])))
+
+
+# ---- writing for Megatron-LM / Megatron-Bridge ------------------------------------------------------------
+
+def megatron_args(cfg: GPTConfig) -> list[str]:
+    """pretrain_gpt.py flags that build exactly this model (and its MoE layers)."""
+    act = {"squared-relu": ["--squared-relu"], "swiglu": ["--swiglu"], "gelu": []}.get(cfg.activation)
+    if act is None:
+        raise UpcycleError(f"Megatron-LM has no flag for activation '{cfg.activation}'")
+    flags = [
+        f"--num-layers {cfg.num_layers}", f"--hidden-size {cfg.hidden_size}",
+        f"--ffn-hidden-size {cfg.ffn_hidden_size}", f"--num-attention-heads {cfg.num_attention_heads}",
+        f"--kv-channels {cfg.head_dim}", f"--seq-length {cfg.seq_length}",
+        f"--max-position-embeddings {cfg.seq_length}", *act,
+        f"--normalization {'RMSNorm' if cfg.normalization == 'rmsnorm' else 'LayerNorm'}",
+        f"--norm-epsilon {cfg.layernorm_epsilon}", "--position-embedding-type rope",
+        f"--rotary-percent {cfg.rotary_percentage}", f"--rotary-base {int(cfg.rotary_base)}",
+        f"--init-method-std {cfg.init_method_std}", "--ckpt-format torch_dist",
+    ]
+    if cfg.normalization == "layernorm1p":
+        flags.append("--apply-layernorm-1p")
+    if cfg.num_query_groups and cfg.num_query_groups != cfg.num_attention_heads:
+        flags += ["--group-query-attention", f"--num-query-groups {cfg.num_query_groups}"]
+    if not cfg.bias:
+        flags.append("--disable-bias-linear")
+    if cfg.qkv_bias and not cfg.bias:
+        flags.append("--add-qkv-bias")
+    if cfg.qk_layernorm:
+        flags.append("--qk-layernorm")
+    if not cfg.share_embeddings_and_output_weights:
+        flags.append("--untie-embeddings-and-output-weights")
+    if cfg.is_moe:
+        flags += [
+            f"--num-experts {cfg.num_moe_experts}", f"--moe-ffn-hidden-size {cfg.expert_ffn_hidden_size}",
+            f"--moe-router-topk {cfg.moe_router_topk}", f"--moe-router-score-function {cfg.moe_router_score_function}",
+            f"--moe-aux-loss-coeff {cfg.moe_aux_loss_coeff}", "--moe-router-load-balancing-type aux_loss",
+            "--moe-token-dispatcher-type alltoall", "--moe-grouped-gemm", "--moe-router-dtype fp32",
+        ]
+        if cfg.moe_router_pre_softmax:
+            flags.append("--moe-router-pre-softmax")
+        if cfg.moe_z_loss_coeff:
+            flags.append(f"--moe-z-loss-coeff {cfg.moe_z_loss_coeff}")
+        if cfg.moe_router_topk_scaling_factor:
+            flags.append(f"--moe-router-topk-scaling-factor {cfg.moe_router_topk_scaling_factor}")
+        if cfg.moe_layer_freq != 1:
+            freq = cfg.moe_layer_freq
+            pattern = str(freq) if isinstance(freq, int) else "'[" + ",".join(map(str, freq)) + "]'"
+            flags.append(f"--moe-layer-freq {pattern}")
+    return flags
+
+
+class MegatronWriter(CheckpointWriter):
+    def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:
+        return 1 << 20
+
+    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
+              source: CheckpointReader) -> None:
+        flags = megatron_args(config)
+        with atomic_output(self.path, self.overwrite) as out:
+            out.mkdir(parents=True)
+            write_megatron_dist(out / "iter_0000000", config, tensors, fetch, prefix="",
+                                common={"checkpoint_version": 3.0, "iteration": 0})
+            (out / TRACKER).write_text("0")
+            (out / "megatron_args.txt").write_text("\n".join(flags) + "\n")
+            (out / "model_config.yaml").write_text(yaml.safe_dump(nemo_config_from_gpt(config), sort_keys=False))

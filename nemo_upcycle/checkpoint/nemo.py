@@ -1,0 +1,279 @@
+"""`.nemo` checkpoints (NeMo 1.x MegatronGPTModel): read in every weight layout, written as NeMo writes them.
+
+Accepted inputs: an uncompressed or gzip tar, or an extracted directory, holding `model_config.yaml`,
+artifacts (`<32 hex>_tokenizer.model`, referenced from the config as `nemo:<name>`) and the weights as
+  model_weights/                         torch_dist (NeMo's default for mcore models; read inside the tar)
+  model_weights.ckpt                     legacy, TP = PP = 1
+  mp_rank_XX/model_weights.ckpt          legacy, tensor parallel (shards merged on the right dimension)
+  tp_rank_XX_pp_rank_YYY/...             legacy, tensor and pipeline parallel (layers renumbered)
+Legacy files are memory-mapped (`torch.load(mmap=True, weights_only=True)`), so only the tensors being
+converted are paged in. Written output: model_config.yaml + artifacts + model_weights/ torch_dist with TE-spec
+names under `model.`, packed as an uncompressed tar with `./` members (or left as a directory).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter, atomic_output
+from nemo_upcycle.checkpoint.base import (
+    CheckpointReader, CheckpointWriter, Fetch, TensorInfo, Tokenizer, model_order)
+from nemo_upcycle.checkpoint.layout import canonical_names
+from nemo_upcycle.checkpoint.megatron import write_megatron_dist
+from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
+from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.models.config import GPTConfig
+from nemo_upcycle.models.keys import layer_index, te_to_local_key
+
+NEMO_PREFIX = "model."
+_LEGACY_DIR = re.compile(r"^(?:mp_rank_(?P<mp>\d+)|tp_rank_(?P<tp>\d+)_pp_rank_(?P<pp>\d+))$")
+# Tensor-parallel layout of legacy shards: column-parallel weights concatenate on dim 0, row-parallel on dim 1.
+_COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
+                    "word_embeddings.weight", "output_layer.weight")
+_ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
+
+
+class NemoReader(CheckpointReader):
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UpcycleError(f"{self.path} does not exist: pass a .nemo file or an extracted .nemo directory")
+        self.archive = None if self.path.is_dir() else TarArchive(self.path)
+        self._tmp: Path | None = None
+        self.source_config = self._load_yaml("model_config.yaml")
+        self.tokenizer = self._read_tokenizer()
+        self._dist: DistCheckpointReader | None = None
+        self._legacy: list[dict[str, torch.Tensor]] | None = None
+        self._index: dict[str, tuple[str, tuple[int, ...]]] = {}  # canonical -> (fqn, index) [torch_dist]
+        self._legacy_index: dict[str, list[tuple[int, str]]] = {}  # canonical -> [(shard, key), ...]
+        self._open_weights()
+        vocab = self._infos["embedding.word_embeddings.weight"].shape[0]
+        self.config: GPTConfig = gpt_config_from_nemo(self.source_config, vocab)
+
+    # ---- files ------------------------------------------------------------------------------------------
+    def _names(self) -> list[str]:
+        if self.archive is not None:
+            return self.archive.names()
+        return [str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()]
+
+    def _read_bytes(self, name: str) -> bytes:
+        if self.archive is not None:
+            return self.archive.read_bytes(name)
+        p = self.path / name
+        if not p.is_file():
+            raise UpcycleError(f"'{name}' is missing from {self.path}")
+        return p.read_bytes()
+
+    def _load_yaml(self, name: str) -> dict[str, Any]:
+        try:
+            cfg = yaml.safe_load(self._read_bytes(name))
+        except UpcycleError:
+            raise UpcycleError(f"{self.path} has no model_config.yaml: is it a .nemo checkpoint?")
+        except yaml.YAMLError as err:
+            raise UpcycleError(f"model_config.yaml in {self.path} is not valid YAML: {str(err).splitlines()[0]}")
+        if not isinstance(cfg, dict):
+            raise UpcycleError(f"model_config.yaml in {self.path} is not a mapping")
+        return cfg
+
+    def _read_tokenizer(self) -> Tokenizer | None:
+        cfg = self.source_config.get("tokenizer")
+        if not isinstance(cfg, dict):
+            return None
+        artifacts = {}
+        for value in cfg.values():
+            if isinstance(value, str) and value.startswith("nemo:"):
+                name = value[len("nemo:"):]
+                artifacts[name] = self._read_bytes(name)
+        return Tokenizer(config=dict(cfg), artifacts=artifacts)
+
+    def _local_copy(self, prefix: str) -> Path:
+        """A real directory for `prefix`: the directory itself, or an extraction (gzip tars, legacy mmap)."""
+        if self.archive is None:
+            return self.path / prefix
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="nemo-upcycle-"))
+        return self.archive.extract_to(prefix, self._tmp)
+
+    # ---- weights ----------------------------------------------------------------------------------------
+    def _open_weights(self) -> None:
+        names = self._names()
+        if "model_weights/.metadata" in names:
+            if self.archive is not None and not self.archive.compressed:
+                self._dist = DistCheckpointReader("model_weights", archive=self.archive)
+            else:
+                self._dist = DistCheckpointReader(self._local_copy("model_weights"))
+            self._index_dist()
+            return
+        shards = self._legacy_shards(names)
+        if not shards:
+            raise UpcycleError(
+                f"{self.path} holds no weights (no model_weights/, model_weights.ckpt, mp_rank_XX/ or "
+                "tp_rank_XX_pp_rank_YYY/): is the file complete?"
+            )
+        self._index_legacy(shards)
+
+    def _index_dist(self) -> None:
+        assert self._dist is not None
+        self._infos: dict[str, TensorInfo] = {}
+        for fqn in self._dist.tensors:
+            shape, dtype = self._dist.shape(fqn), self._dist.dtype(fqn)
+            for name, index in canonical_names(fqn, shape, NEMO_PREFIX):
+                self._index[name] = (fqn, index)
+                self._infos[name] = TensorInfo(shape[len(index):], dtype)
+        self._infos = model_order(self._infos)
+
+    def _legacy_shards(self, names: list[str]) -> dict[tuple[int, int], str]:
+        """(tp, pp) -> path of that shard's model_weights.ckpt."""
+        shards = {}
+        for name in names:
+            parts = name.split("/")
+            if parts[-1] != "model_weights.ckpt":
+                continue
+            if len(parts) == 1:
+                shards[(0, 0)] = name
+            elif len(parts) == 2 and (m := _LEGACY_DIR.match(parts[0])):
+                tp = int(m["mp"] if m["mp"] is not None else m["tp"])
+                shards[(tp, int(m["pp"] or 0))] = name
+        return shards
+
+    def _index_legacy(self, shards: dict[tuple[int, int], str]) -> None:
+        tps = sorted({tp for tp, _ in shards})
+        pps = sorted({pp for _, pp in shards})
+        if set(shards) != {(t, p) for t in tps for p in pps} or tps != list(range(len(tps))):
+            raise UpcycleError(f"{self.path} has an incomplete set of tensor/pipeline-parallel shards: {sorted(shards)}")
+        self._legacy = []
+        per_key: dict[str, dict[int, tuple[int, str]]] = {}  # canonical -> tp -> (shard slot, key)
+        layer_offset = 0
+        for pp in pps:
+            layers_here = 0
+            for tp in tps:
+                state = self._load_legacy(shards[(tp, pp)])
+                slot = len(self._legacy)
+                self._legacy.append(state)
+                local_layers = set()
+                for key in state:
+                    name = _strip_prefix(key)
+                    if name is None:
+                        continue
+                    i = layer_index(name)
+                    if i is not None:
+                        local_layers.add(i)
+                        name = name.replace(f"decoder.layers.{i}.", f"decoder.layers.{i + layer_offset}.", 1)
+                    per_key.setdefault(te_to_local_key(name), {})[tp] = (slot, key)
+                layers_here = max(layers_here, len(local_layers))
+            layer_offset += layers_here
+        self._infos = {}
+        for name, by_tp in per_key.items():
+            if ".experts." in name:
+                raise UpcycleError(f"{self.path} is already an MoE checkpoint (found {name}): upcycle a dense one")
+            self._legacy_index[name] = [by_tp[t] for t in sorted(by_tp)]
+            parts = [self._legacy[s][k] for s, k in self._legacy_index[name]]
+            self._infos[name] = TensorInfo(tuple(_merge_tp(name, parts, self._gated(), meta=True).shape), parts[0].dtype)
+        self._infos = model_order(self._infos)
+
+    def _gated(self) -> bool:
+        from nemo_upcycle.checkpoint.nemo_config import NEMO_ACTIVATIONS
+        from nemo_upcycle.activations import get_activation
+
+        act = NEMO_ACTIVATIONS.get(self.source_config.get("activation", "gelu"), "gelu")
+        return get_activation(act).gated
+
+    def _load_legacy(self, name: str) -> dict[str, torch.Tensor]:
+        path = self._local_copy(name)
+        try:
+            with torch.serialization.safe_globals([io.BytesIO, bytes]):  # TE extra states may be BytesIO
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            raise UpcycleError(f"cannot read {name} in {self.path} ({str(err).splitlines()[0]}): truncated or corrupt")
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    # ---- reader API -------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        if self._dist is not None:
+            return dict(zip(names, self._dist.read_many([self._index[n] for n in names])))
+        assert self._legacy is not None
+        return {n: _merge_tp(n, [self._legacy[s][k] for s, k in self._legacy_index[n]], self._gated()).clone()
+                for n in names}
+
+    def close(self) -> None:
+        if self.archive is not None:
+            self.archive.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _strip_prefix(key: str) -> str | None:
+    """Legacy keys: `model.` (or `model.module.` with megatron_amp_O2) + mcore name; extra states dropped."""
+    if key.endswith("_extra_state"):
+        return None
+    for prefix in ("model.module.", "model."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _merge_tp(name: str, parts: list[torch.Tensor], gated: bool, meta: bool = False) -> torch.Tensor:
+    """Merge tensor-parallel shards of one tensor (meta=True: shapes only)."""
+    if meta:
+        parts = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in parts]
+    if len(parts) == 1:
+        return parts[0]
+    if name.endswith(_ROW_PARALLEL):
+        return torch.cat(parts, dim=1)
+    if name.endswith(_COLUMN_PARALLEL):
+        if gated and ".linear_fc1." in name:  # each shard is [gate_t; up_t]: regroup as [gates; ups]
+            halves = [p.chunk(2, dim=0) for p in parts]
+            return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+        return torch.cat(parts, dim=0)
+    return parts[0]  # replicated (norms, row-parallel biases)
+
+
+class NemoWriter(CheckpointWriter):
+    """Writes a `.nemo`: packed tar (default) or directory."""
+
+    def __init__(self, path: Path, overwrite: bool = False, pack: bool = True):
+        super().__init__(path, overwrite)
+        self.pack = pack
+
+    def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:
+        return 1 << 20
+
+    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
+              source: CheckpointReader) -> None:
+        model_cfg = nemo_config_from_gpt(config, base=source.source_config if isinstance(source, NemoReader) else None)
+        tokenizer = source.tokenizer
+        if tokenizer is not None:
+            model_cfg["tokenizer"] = tokenizer.config
+        files = {"model_config.yaml": yaml.safe_dump(model_cfg, sort_keys=False).encode()}
+        if tokenizer is not None:
+            files.update(tokenizer.artifacts)
+        with atomic_output(self.path, self.overwrite) as out:
+            if self.pack:
+                tar = TarWriter(out)
+                try:
+                    for name, data in files.items():
+                        tar.add_bytes(name, data)
+                    write_megatron_dist("./model_weights", config, tensors, fetch, NEMO_PREFIX, tar=tar)
+                finally:
+                    tar.close()
+            else:
+                out.mkdir(parents=True)
+                for name, data in files.items():
+                    (out / name).write_bytes(data)
+                write_megatron_dist(out / "model_weights", config, tensors, fetch, NEMO_PREFIX)
+

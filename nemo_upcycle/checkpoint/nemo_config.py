@@ -1,0 +1,126 @@
+"""NeMo 1.x `model_config.yaml` (MegatronGPTModel) <-> GPTConfig.
+
+Field names are NeMo's; everything we do not model (precision, tokenizer, data, optimiser, fp8 flags, ...)
+passes through untouched, so the converted `.nemo` trains with the same settings as the dense one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.models.config import GPTConfig
+
+NEMO_GPT_TARGET = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"
+NEMO_ACTIVATIONS = {
+    "squared-relu": "squared-relu", "relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu",
+    "swiglu": "swiglu", "fast-swiglu": "swiglu", "geglu": "geglu", "fast-geglu": "geglu", "reglu": "reglu",
+    "fast-reglu": "reglu",
+}
+
+# The MoE training defaults the paper recommends, written into every upcycled config.
+MOE_TRAINING_DEFAULTS = {
+    "moe_token_dispatcher_type": "alltoall",
+    "moe_grouped_gemm": True,
+    "moe_router_load_balancing_type": "aux_loss",
+}
+
+
+def gpt_config_from_nemo(cfg: dict[str, Any], vocab_size: int) -> GPTConfig:
+    """GPTConfig from a NeMo model config; `vocab_size` is the padded size read off the embedding tensor."""
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
+        if key not in cfg:
+            raise UpcycleError(f"model_config.yaml has no '{key}': is this a NeMo GPT checkpoint?")
+    activation = cfg.get("activation", "gelu")
+    if activation not in NEMO_ACTIVATIONS:
+        raise UpcycleError(
+            f"unsupported activation '{activation}' in model_config.yaml: supported are {', '.join(NEMO_ACTIVATIONS)}"
+        )
+    normalization = cfg.get("normalization", "layernorm")
+    if normalization == "layernorm" and cfg.get("layernorm_zero_centered_gamma", False):
+        normalization = "layernorm1p"
+    if normalization not in ("layernorm", "layernorm1p", "rmsnorm"):
+        raise UpcycleError(
+            f"unsupported normalization '{normalization}' in model_config.yaml: use layernorm, layernorm1p or rmsnorm"
+        )
+    position = cfg.get("position_embedding_type", "learned_absolute")
+    if position != "rope":
+        raise UpcycleError(
+            f"unsupported position_embedding_type '{position}': nemo-upcycle handles RoPE models (Nemotron, Llama, ...)"
+        )
+    moe: dict[str, Any] = {}
+    if cfg.get("num_moe_experts"):
+        moe = {k: cfg[k] for k in ("num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
+                                   "moe_router_pre_softmax", "moe_router_score_function",
+                                   "moe_router_topk_scaling_factor", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                                   "moe_layer_freq") if cfg.get(k) is not None}
+    bias = bool(cfg.get("bias", True))
+    return GPTConfig(
+        num_layers=cfg["num_layers"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["ffn_hidden_size"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_query_groups=cfg.get("num_query_groups"),
+        kv_channels=cfg.get("kv_channels"),
+        vocab_size=vocab_size,
+        seq_length=cfg.get("encoder_seq_length") or cfg.get("max_position_embeddings") or 4096,
+        activation=NEMO_ACTIVATIONS[activation],
+        normalization=normalization,
+        layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
+        bias=bias,
+        qkv_bias=bool(cfg.get("qkv_bias", False)),
+        qk_layernorm=bool(cfg.get("qk_layernorm", False)),
+        rotary_percentage=cfg.get("rotary_percentage", 1.0),
+        rotary_base=float(cfg.get("rotary_base", 10000)),
+        share_embeddings_and_output_weights=bool(cfg.get("share_embeddings_and_output_weights", True)),
+        init_method_std=cfg.get("init_method_std", 0.02),
+        **moe,
+    )
+
+
+def nemo_config_from_gpt(gpt: GPTConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A NeMo model config for `gpt`: `base` (the source checkpoint's config) with the model fields set,
+    plus the MoE fields and their training defaults when `gpt` is an MoE model."""
+    cfg = dict(base or {})
+    cfg.setdefault("target", NEMO_GPT_TARGET)
+    cfg.update(
+        mcore_gpt=True,
+        num_layers=gpt.num_layers,
+        hidden_size=gpt.hidden_size,
+        ffn_hidden_size=gpt.ffn_hidden_size,
+        num_attention_heads=gpt.num_attention_heads,
+        num_query_groups=gpt.num_query_groups,
+        kv_channels=gpt.kv_channels,
+        encoder_seq_length=gpt.seq_length,
+        max_position_embeddings=gpt.seq_length,
+        activation=gpt.activation,
+        normalization=gpt.normalization,
+        layernorm_epsilon=gpt.layernorm_epsilon,
+        bias=gpt.bias,
+        qkv_bias=gpt.qkv_bias,
+        qk_layernorm=gpt.qk_layernorm,
+        position_embedding_type="rope",
+        rotary_percentage=gpt.rotary_percentage,
+        rotary_base=gpt.rotary_base,
+        share_embeddings_and_output_weights=gpt.share_embeddings_and_output_weights,
+        init_method_std=gpt.init_method_std,
+    )
+    cfg.pop("layernorm_zero_centered_gamma", None)  # expressed by normalization: layernorm1p
+    if gpt.is_moe:
+        cfg.update(
+            num_moe_experts=gpt.num_moe_experts,
+            moe_ffn_hidden_size=gpt.expert_ffn_hidden_size,
+            moe_router_topk=gpt.moe_router_topk,
+            moe_router_pre_softmax=gpt.moe_router_pre_softmax,
+            moe_router_score_function=gpt.moe_router_score_function,
+            moe_aux_loss_coeff=gpt.moe_aux_loss_coeff,
+            **MOE_TRAINING_DEFAULTS,
+        )
+        for key in ("moe_z_loss_coeff", "moe_router_topk_scaling_factor"):
+            if getattr(gpt, key) is not None:
+                cfg[key] = getattr(gpt, key)
+        if gpt.moe_layer_freq != 1:
+            cfg["moe_layer_freq"] = list(gpt.moe_layer_freq) if isinstance(gpt.moe_layer_freq, tuple) \
+                else gpt.moe_layer_freq
+            cfg["name"] = "decoder_block_gpt"  # NeMo's spec name for mixed dense / MoE decoders
+    return cfg

@@ -1,0 +1,295 @@
+"""`nemo-upcycle convert`: a dense checkpoint in, an upcycled MoE checkpoint out, streamed layer by layer.
+
+Plan, then execute (as mergekit does): the plan is a pure list of output tensors with shapes and dtypes,
+computed from the input's headers alone (what `--dry-run` prints); execution walks the writer's storage order,
+reading one dense layer, upcycling its MLP, handing each tensor to the writer and dropping it. Memory stays
+bounded by about one layer's output whatever the model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from nemo_upcycle.checkpoint import (
+    INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, TensorInfo, make_writer, open_checkpoint)
+from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.models.config import GPTConfig
+from nemo_upcycle.models.keys import layer_index, stack_experts
+from nemo_upcycle.recipe import UpcycleConfig, moe_config, upcycle_layer_mlp
+from nemo_upcycle.recipe.config import ROUTER_INITS, ROUTER_TYPES, SCALING_METHODS
+from nemo_upcycle.recipe.state_dict import DENSE_MLP_KEYS
+from nemo_upcycle.report import human_count, markdown_table
+
+
+# ---- plan ---------------------------------------------------------------------------------------------------
+
+def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a model of this config has (canonical names, experts stacked), built on the meta device."""
+    from nemo_upcycle.models.reference import GPTModel
+
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    return {k: tuple(v.shape) for k, v in stack_experts(model.state_dict()).items()}
+
+
+def check_tensors(given: dict[str, TensorInfo], cfg: GPTConfig, where: str) -> None:
+    """One-line errors for missing or unexpected tensors and shape mismatches against the config."""
+    want = expected_shapes(cfg)
+    missing = [k for k in want if k not in given]
+    if missing:
+        raise UpcycleError(f"{where} is missing tensor {missing[0]} ({len(missing)} missing): incomplete checkpoint?")
+    unexpected = [k for k in given if k not in want]
+    if unexpected:
+        raise UpcycleError(
+            f"{where} has unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected): does model_config "
+            "match the weights?"
+        )
+    for k, shape in want.items():
+        if given[k].shape != shape:
+            raise UpcycleError(
+                f"shape mismatch for {k} in {where}: checkpoint {given[k].shape}, config implies {shape}"
+            )
+
+
+@dataclass
+class Plan:
+    dense: GPTConfig
+    moe: GPTConfig
+    recipe: UpcycleConfig
+    inputs: dict[str, TensorInfo]
+    outputs: dict[str, TensorInfo]  # canonical names in model order (what the writer will fetch)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(t.nbytes for t in self.inputs.values())
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(t.nbytes for t in self.outputs.values())
+
+    @staticmethod
+    def params(infos: dict[str, TensorInfo]) -> int:
+        return sum(int(torch.Size(t.shape).numel()) for t in infos.values())
+
+
+def plan_conversion(reader: CheckpointReader, recipe: UpcycleConfig, where: str = "the input") -> Plan:
+    dense = reader.config
+    moe = moe_config(dense, recipe)  # raises for MoE inputs and invalid recipes
+    inputs = reader.tensors()
+    check_tensors(inputs, dense, where)
+    outputs = {}
+    for name, shape in expected_shapes(moe).items():
+        if name in inputs:
+            outputs[name] = TensorInfo(shape, inputs[name].dtype)
+        else:  # router / experts: the dtype of the dense MLP they come from
+            fc1 = name.split("mlp.")[0] + "mlp.linear_fc1.weight"
+            outputs[name] = TensorInfo(shape, inputs[fc1].dtype)
+    return Plan(dense, moe, recipe, dict(inputs), outputs)
+
+
+# ---- execute ------------------------------------------------------------------------------------------------
+
+class LayerStream:
+    """Hands out output tensors one at a time, computing a whole layer when its first tensor is asked for."""
+
+    def __init__(self, reader: CheckpointReader, plan: Plan, progress=None):
+        self.reader, self.plan, self.progress = reader, plan, progress
+        self.pattern = plan.moe.moe_layer_pattern()
+        self.layer: int | None = None
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def fetch(self, name: str) -> torch.Tensor:
+        i = layer_index(name)
+        if i is None:
+            return self.reader.read([name])[name]
+        if i != self.layer:
+            self._compute_layer(i)
+        return self.cache.pop(name)
+
+    def _compute_layer(self, i: int) -> None:
+        self.cache.clear()
+        prefix = f"decoder.layers.{i}."
+        tensors = self.reader.read(self.reader.layer_names(i))
+        if self.pattern[i]:
+            mlp = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k[len(prefix):] in DENSE_MLP_KEYS}
+            new = upcycle_layer_mlp(mlp, self.plan.dense, self.plan.recipe, i)
+            tensors.update({prefix + k: v for k, v in new.items()})
+        self.cache, self.layer = tensors, i
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix_str(f"layer {i}")
+
+
+@dataclass
+class Summary:
+    plan: Plan
+    seconds: float
+    peak_rss_bytes: int
+    output: Path
+    verify: dict[str, Any] | None = field(default=None)
+
+    def table(self) -> str:
+        p = self.plan
+        rows = [
+            ["recipe", f"{p.recipe.name} {p.recipe.router} (scaling {p.recipe.scaling_method}, "
+                       f"s={p.recipe.scale_factor():g})"],
+            ["parameters in -> out", f"{human_count(Plan.params(p.inputs))} -> {human_count(Plan.params(p.outputs))}"],
+            ["active parameters out", human_count(p.moe.num_parameters(active=True))],
+            ["bytes in -> out", f"{p.bytes_in / 1e9:.3f} GB -> {p.bytes_out / 1e9:.3f} GB"],
+            ["time", f"{self.seconds:.2f} s"],
+            ["write throughput", f"{p.bytes_out / 1e9 / max(self.seconds, 1e-9):.3f} GB/s"],
+            ["peak RSS", f"{self.peak_rss_bytes / 1e9:.3f} GB"],
+            ["output", str(self.output)],
+        ]
+        if self.verify:
+            rows += [[f"verify: {k}", v] for k, v in self.verify.items()]
+        return markdown_table(["", "value"], rows)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConfig, output_format: str = "nemo",
+            input_format: str = "auto", pack: bool = True, overwrite: bool = False,
+            model_config: dict[str, Any] | None = None, verify_layers: int | None = None,
+            progress: bool = True) -> Summary:
+    """Upcycle `input_path` into `output_path`. `verify_layers`: after writing, compare that many leading
+    layers (0 = all) of input and output with the reference model; None skips verification."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    output_path = Path(output_path)
+    check_output_path(output_path, overwrite)
+    with open_checkpoint(input_path, input_format, model_config) as reader:
+        plan = plan_conversion(reader, recipe, str(input_path))
+        writer = make_writer(output_format, output_path, overwrite, pack)
+        check_free_disk(output_path, plan.bytes_out + writer.overhead_bytes(plan.outputs))
+        bar = tqdm(total=plan.dense.num_layers, unit="layer", desc="upcycling", disable=not progress)
+        stream = LayerStream(reader, plan, bar)
+        writer.write(plan.moe, plan.outputs, stream.fetch, reader)
+        bar.close()
+        seconds = time.perf_counter() - start
+        summary = Summary(plan, seconds, peak_rss_bytes(), output_path)
+        if verify_layers is not None:
+            from nemo_upcycle.verify import verify_conversion
+
+            summary.verify = verify_conversion(reader, open_checkpoint(output_path), recipe, verify_layers)
+    return summary
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+def recipe_from_args(args: argparse.Namespace) -> UpcycleConfig:
+    values: dict[str, Any] = {}
+    if args.recipe:
+        e, g, t = _shorthand(args.recipe)
+        values.update(expansion=e, granularity=g, topk=t)
+    for key in ("expansion", "granularity", "topk"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.num_experts is not None:
+        g = values.get("granularity", 1)
+        if args.num_experts % g:
+            raise UpcycleError(f"--num-experts {args.num_experts} is not a multiple of granularity {g}")
+        values["expansion"] = args.num_experts // g
+    for key in ("router", "scaling_method", "router_init", "router_init_std", "seed", "layer_freq", "drop_ratio",
+                "aux_loss_coeff", "z_loss_coeff", "topk_scaling_factor"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.layers:
+        values["layers"] = tuple(int(x) for x in args.layers.split(","))
+    if args.weight_scaling is not None:
+        ws = args.weight_scaling
+        values["weight_scaling"] = ws if ws in ("auto", "off") else _float(ws, "--weight-scaling")
+    return UpcycleConfig(**values)
+
+
+def _shorthand(text: str) -> tuple[int, int, int]:
+    r = UpcycleConfig.from_shorthand(text, router_init="random")
+    return r.expansion, r.granularity, r.topk
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UpcycleError(f"{flag} must be 'auto', 'off' or a number, got '{text}'")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="dense checkpoint: .nemo file or directory, Megatron torch_dist directory "
+                                 "(iter_XXXXXXX/ or its parent), or Hugging Face folder")
+    p.add_argument("output", help="where to write the upcycled checkpoint (must not exist unless --overwrite)")
+    r = p.add_argument_group("recipe (the paper's notation: E expansion, G granularity, T top-k)")
+    r.add_argument("--recipe", help="shorthand E<E>G<G>T<T>, e.g. E8G8T8 (64 experts of 1/8 size, top-8) "
+                                    "or E8G1T2 (8 full-size experts, top-2); default E8G1T2")
+    r.add_argument("--expansion", type=int, help="E: MoE MLP parameters / dense MLP parameters")
+    r.add_argument("--granularity", type=int, help="G: dense ffn_hidden_size / expert ffn_hidden_size")
+    r.add_argument("--topk", type=int, help="T: experts per token")
+    r.add_argument("--num-experts", type=int, help="E*G; sets E from G (alternative to --expansion)")
+    r.add_argument("--router", choices=ROUTER_TYPES, help="routing: softmax_then_topk (default, the paper's), "
+                   "topk_then_softmax (Mixtral's), sigmoid")
+    r.add_argument("--weight-scaling", help="'auto' (default: keeps the step-0 output), 'off', or a factor")
+    r.add_argument("--scaling-method", choices=SCALING_METHODS,
+                   help="how the factor is spread over expert weights: homogeneous (default, exact for every "
+                        "activation), megatron (Megatron-LM's exponents), fc2 (all on fc2)")
+    r.add_argument("--router-init", choices=ROUTER_INITS, help="virtual_group (default) or random router rows")
+    r.add_argument("--router-init-std", type=float, help="router init std (default: the model's init_method_std)")
+    r.add_argument("--seed", type=int, help="seed for router rows and Drop-Upcycling (default 1234)")
+    r.add_argument("--layers", help="comma-separated 0-based layers to upcycle (default: all)")
+    r.add_argument("--layer-freq", type=int, help="upcycle every k-th layer (0, k, 2k, ...)")
+    r.add_argument("--drop-ratio", type=float, help="Drop-Upcycling: re-initialise this fraction of each "
+                                                    "expert's neurons (default 0)")
+    r.add_argument("--aux-loss-coeff", type=float, help="load-balancing loss coefficient written to the config "
+                                                        "(default 1e-2)")
+    r.add_argument("--z-loss-coeff", type=float, help="router z-loss coefficient (default none)")
+    r.add_argument("--topk-scaling-factor", type=float, help="Megatron's moe_router_topk_scaling_factor")
+    o = p.add_argument_group("input and output")
+    o.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="nemo",
+                   help="nemo: .nemo for NeMo (default); megatron: torch_dist directory for Megatron-LM / "
+                        "Megatron-Bridge, with megatron_args.txt")
+    o.add_argument("--input-format", choices=INPUT_FORMATS, default="auto", help="default: detected")
+    o.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="write the .nemo as a directory instead of a tar")
+    o.add_argument("--model-config", type=Path,
+                   help="YAML with NeMo model_config fields, for Megatron checkpoints without saved args")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    o.add_argument("--dry-run", action="store_true", help="print the plan (tensors, shapes, sizes); write nothing")
+    o.add_argument("--verify", nargs="?", const=0, type=int, metavar="LAYERS",
+                   help="after writing, run input and output through the reference model (all layers, or the "
+                        "first LAYERS) and check the step-0 output against the recipe's guarantee")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+    model_config = None
+    if args.model_config is not None:
+        if not args.model_config.is_file():
+            raise UpcycleError(f"--model-config {args.model_config} does not exist")
+        model_config = yaml.safe_load(args.model_config.read_text())
+    if args.dry_run:
+        with open_checkpoint(args.input, args.input_format, model_config) as reader:
+            plan = plan_conversion(reader, recipe, str(args.input))
+        rows = [[n, "x".join(map(str, t.shape)), str(t.dtype).replace("torch.", ""), f"{t.nbytes / 1e6:.2f}"]
+                for n, t in plan.outputs.items()]
+        print(markdown_table(["tensor", "shape", "dtype", "MB"], rows))
+        print(f"\n{len(rows)} tensors, {human_count(Plan.params(plan.outputs))} parameters, "
+              f"{plan.bytes_out / 1e9:.3f} GB to write as {args.output_format} to {args.output}")
+        return 0
+    summary = convert(args.input, args.output, recipe, args.output_format, args.input_format, args.pack,
+                      args.overwrite, model_config, args.verify, progress=not args.quiet)
+    print(summary.table())
+    if summary.verify and summary.verify.get("status") == "FAILED":
+        return 1
+    return 0
