@@ -156,7 +156,15 @@ class Summary:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory. Linux: VmHWM, which (unlike ru_maxrss) does not inherit the
+    parent's peak across fork + exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
 def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConfig, output_format: str = "nemo",
@@ -185,6 +193,24 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
 
             summary.verify = verify_conversion(reader, open_checkpoint(output_path), recipe, verify_layers)
     return summary
+
+
+def _model_config(path: Path | str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UpcycleError(f"model config {path} does not exist")
+    return yaml.safe_load(Path(path).read_text())
+
+
+def convert_from_config(cfg: dict[str, Any]) -> Summary:
+    """Run a conversion described by conf/upcycle.yaml (as a plain dict)."""
+    for key in ("input", "output"):
+        if cfg.get(key) in (None, "???"):
+            raise UpcycleError(f"set {key}=... (the {key} checkpoint path)")
+    return convert(cfg["input"], cfg["output"], UpcycleConfig.from_dict(cfg.get("recipe", {})),
+                   cfg.get("output_format", "nemo"), cfg.get("input_format", "auto"), cfg.get("pack", True),
+                   cfg.get("overwrite", False), _model_config(cfg.get("model_config")), cfg.get("verify"))
 
 
 # ---- command line -------------------------------------------------------------------------------------------
@@ -273,11 +299,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
-    model_config = None
-    if args.model_config is not None:
-        if not args.model_config.is_file():
-            raise UpcycleError(f"--model-config {args.model_config} does not exist")
-        model_config = yaml.safe_load(args.model_config.read_text())
+    model_config = _model_config(args.model_config)
     if args.dry_run:
         with open_checkpoint(args.input, args.input_format, model_config) as reader:
             plan = plan_conversion(reader, recipe, str(args.input))

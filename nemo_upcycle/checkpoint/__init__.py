@@ -21,11 +21,15 @@ def detect_format(path: Path) -> str:
         raise UpcycleError(f"{path} does not exist: check the path")
     if path.is_file():
         return "nemo"
+    megatron_markers = (".metadata", "latest_checkpointed_iteration.txt")
+    if any((path / m).is_file() for m in megatron_markers) or any(path.glob("iter_*")):
+        return "megatron"
     if (path / "model_config.yaml").is_file():
         return "nemo"
     if (path / "config.json").is_file():
         return "hf"
-    return "megatron"
+    raise UpcycleError(f"{path} is not a .nemo directory, Megatron checkpoint or Hugging Face folder: pass "
+                       "--input-format if it is one")
 
 
 def open_checkpoint(path: Path | str, input_format: str = "auto",
@@ -61,5 +65,37 @@ def make_writer(output_format: str, path: Path | str, overwrite: bool = False, p
     raise UpcycleError(f"unknown output format '{output_format}': use one of {', '.join(OUTPUT_FORMATS)}")
 
 
+def load_tokenizer_of(reader: CheckpointReader):
+    """The checkpoint's own tokenizer (its artifacts are loaded into memory; nothing stays on disk)."""
+    import tempfile
+
+    from nemo_upcycle.data.tokenizers import load_tokenizer
+
+    if reader.tokenizer is None:
+        raise UpcycleError("the checkpoint has no tokenizer: pass one explicitly (a SentencePiece .model, a Hugging "
+                           "Face tokenizer folder, or 'byte')")
+    with tempfile.TemporaryDirectory(prefix="nemo-upcycle-tok-") as tmp:
+        for name, data in reader.tokenizer.artifacts.items():
+            (Path(tmp) / name).write_bytes(data)
+        return load_tokenizer(reader.tokenizer.config, resolve=lambda name: Path(tmp) / name)
+
+
+def load_model(path: Path | str, input_format: str = "auto", model_config: dict[str, Any] | None = None):
+    """A checkpoint as (reference GPTModel in eval mode, its tokenizer), all in memory: for evaluation and
+    small-scale work. Weights keep their stored dtype."""
+    from nemo_upcycle.models.keys import unstack_experts
+    from nemo_upcycle.models.reference import GPTModel
+
+    with open_checkpoint(path, input_format, model_config) as reader:
+        state = unstack_experts(reader.state_dict())
+        dtypes = {t.dtype for t in state.values()}
+        model = GPTModel(reader.config)
+        if len(dtypes) == 1:
+            model.to(dtypes.pop())
+        model.load_state_dict(state)
+        tokenizer = load_tokenizer_of(reader)
+    return model.eval(), tokenizer
+
+
 __all__ = ["CheckpointReader", "CheckpointWriter", "TensorInfo", "Tokenizer", "open_checkpoint", "make_writer",
-           "detect_format"]
+           "detect_format", "load_model", "load_tokenizer_of"]

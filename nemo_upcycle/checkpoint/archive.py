@@ -36,11 +36,14 @@ class TarArchive:
         self.path = Path(path)
         try:
             self._tar = tarfile.open(self.path, "r:*")
+        except (tarfile.TarError, OSError):
+            raise UpcycleError(f"{self.path} is not a readable tar archive (plain or gzip): pass a .nemo file or "
+                               "an extracted .nemo directory")
+        try:
             members = self._tar.getmembers()
-        except tarfile.ReadError as err:
-            raise UpcycleError(f"{self.path} is not a readable tar archive ({err}): pass a .nemo file or directory")
         except (EOFError, OSError, tarfile.TarError) as err:
-            raise UpcycleError(f"{self.path} is truncated or corrupt ({err}): re-download or re-copy it")
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UpcycleError(f"{self.path} is truncated or corrupt ({reason}): re-download or re-copy it")
         with open(self.path, "rb") as f:
             self.compressed = f.read(2) == b"\x1f\x8b"  # gzip magic
         self.members: dict[str, tarfile.TarInfo] = {}

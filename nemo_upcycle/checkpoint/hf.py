@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -36,11 +36,14 @@ class HFReader(CheckpointReader):
                 f"unsupported Hugging Face model_type '{model_type}': supported are {', '.join(SUPPORTED)}"
             )
         self._files = self._weight_files()
-        self._open = {f: safe_open(str(self.path / f), framework="pt") for f in set(self._files.values())}
+        # Files are opened for the duration of one read: a long-lived memory map would keep every layer
+        # already converted in the resident set.
+        self._open: dict[str, Any] = {f: safe_open(str(self.path / f), framework="pt") for f in set(self._files.values())}
         vocab = self._meta("model.embed_tokens.weight").shape[0]
         self.config = SUPPORTED[model_type]({**self.source_config, "vocab_size": vocab})
         self._infos = self._index()
         self.tokenizer = self._read_tokenizer()
+        self._open = {}
 
     def _weight_files(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -99,6 +102,15 @@ class HFReader(CheckpointReader):
         return self._infos
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        self._open = {f: safe_open(str(self.path / f), framework="pt") for f in set(self._files.values())}
+        try:
+            return self._read(names)
+        finally:
+            self._open = {}
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         wanted = set(names)
         for i in sorted({layer_index(n) for n in names if layer_index(n) is not None}):

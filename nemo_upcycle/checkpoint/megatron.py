@@ -174,6 +174,10 @@ class MegatronReader(CheckpointReader):
     def _find_config(self, given: dict[str, Any] | None, vocab: int) -> tuple[GPTConfig, dict[str, Any]]:
         if given is not None:
             return gpt_config_from_nemo(given, vocab), dict(given)
+        ours = self.path.parent / "model_config.yaml"  # written by MegatronWriter next to iter_0000000/
+        if ours.is_file():
+            cfg = yaml.safe_load(ours.read_text())
+            return gpt_config_from_nemo(cfg, vocab), cfg
         for run_config in (self.path / "run_config.yaml", self.path.parent / "run_config.yaml"):
             if run_config.is_file():
                 model = (yaml.safe_load(run_config.read_text()) or {}).get("model")

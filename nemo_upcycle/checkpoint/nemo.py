@@ -52,7 +52,7 @@ class NemoReader(CheckpointReader):
         self.source_config = self._load_yaml("model_config.yaml")
         self.tokenizer = self._read_tokenizer()
         self._dist: DistCheckpointReader | None = None
-        self._legacy: list[dict[str, torch.Tensor]] | None = None
+        self._legacy: list[Path] | None = None  # legacy shard files, by slot
         self._index: dict[str, tuple[str, tuple[int, ...]]] = {}  # canonical -> (fqn, index) [torch_dist]
         self._legacy_index: dict[str, list[tuple[int, str]]] = {}  # canonical -> [(shard, key), ...]
         self._open_weights()
@@ -151,16 +151,15 @@ class NemoReader(CheckpointReader):
         if set(shards) != {(t, p) for t in tps for p in pps} or tps != list(range(len(tps))):
             raise UpcycleError(f"{self.path} has an incomplete set of tensor/pipeline-parallel shards: {sorted(shards)}")
         self._legacy = []
-        per_key: dict[str, dict[int, tuple[int, str]]] = {}  # canonical -> tp -> (shard slot, key)
+        per_key: dict[str, dict[int, tuple[int, str, torch.Tensor]]] = {}  # canonical -> tp -> (shard, key, meta)
         layer_offset = 0
         for pp in pps:
             layers_here = 0
             for tp in tps:
-                state = self._load_legacy(shards[(tp, pp)])
                 slot = len(self._legacy)
-                self._legacy.append(state)
+                self._legacy.append(self._local_copy(shards[(tp, pp)]))
                 local_layers = set()
-                for key in state:
+                for key, t in self._load_legacy(slot).items():
                     name = _strip_prefix(key)
                     if name is None:
                         continue
@@ -168,16 +167,18 @@ class NemoReader(CheckpointReader):
                     if i is not None:
                         local_layers.add(i)
                         name = name.replace(f"decoder.layers.{i}.", f"decoder.layers.{i + layer_offset}.", 1)
-                    per_key.setdefault(te_to_local_key(name), {})[tp] = (slot, key)
+                    meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                    per_key.setdefault(te_to_local_key(name), {})[tp] = (slot, key, meta)
                 layers_here = max(layers_here, len(local_layers))
             layer_offset += layers_here
         self._infos = {}
         for name, by_tp in per_key.items():
             if ".experts." in name:
                 raise UpcycleError(f"{self.path} is already an MoE checkpoint (found {name}): upcycle a dense one")
-            self._legacy_index[name] = [by_tp[t] for t in sorted(by_tp)]
-            parts = [self._legacy[s][k] for s, k in self._legacy_index[name]]
-            self._infos[name] = TensorInfo(tuple(_merge_tp(name, parts, self._gated(), meta=True).shape), parts[0].dtype)
+            parts = [by_tp[t] for t in sorted(by_tp)]
+            self._legacy_index[name] = [(s, k) for s, k, _ in parts]
+            merged = _merge_tp(name, [m for _, _, m in parts], self._gated())
+            self._infos[name] = TensorInfo(tuple(merged.shape), merged.dtype)
         self._infos = model_order(self._infos)
 
     def _gated(self) -> bool:
@@ -187,13 +188,16 @@ class NemoReader(CheckpointReader):
         act = NEMO_ACTIVATIONS.get(self.source_config.get("activation", "gelu"), "gelu")
         return get_activation(act).gated
 
-    def _load_legacy(self, name: str) -> dict[str, torch.Tensor]:
-        path = self._local_copy(name)
+    def _load_legacy(self, slot: int) -> dict[str, torch.Tensor]:
+        """One legacy shard, memory-mapped. Opened afresh per read, so pages of layers already converted are
+        unmapped (and leave the resident set) instead of accumulating over the model."""
+        path = self._legacy[slot]
         try:
             with torch.serialization.safe_globals([io.BytesIO, bytes]):  # TE extra states may be BytesIO
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as err:
-            raise UpcycleError(f"cannot read {name} in {self.path} ({str(err).splitlines()[0]}): truncated or corrupt")
+            raise UpcycleError(f"cannot read {path.name} in {self.path} ({str(err).splitlines()[0]}): "
+                               "truncated or corrupt")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -206,7 +210,8 @@ class NemoReader(CheckpointReader):
         if self._dist is not None:
             return dict(zip(names, self._dist.read_many([self._index[n] for n in names])))
         assert self._legacy is not None
-        return {n: _merge_tp(n, [self._legacy[s][k] for s, k in self._legacy_index[n]], self._gated()).clone()
+        shards = {s: self._load_legacy(s) for n in names for s, _ in self._legacy_index[n]}
+        return {n: _merge_tp(n, [shards[s][k] for s, k in self._legacy_index[n]], self._gated()).clone()
                 for n in names}
 
     def close(self) -> None:
@@ -227,10 +232,8 @@ def _strip_prefix(key: str) -> str | None:
     return key
 
 
-def _merge_tp(name: str, parts: list[torch.Tensor], gated: bool, meta: bool = False) -> torch.Tensor:
-    """Merge tensor-parallel shards of one tensor (meta=True: shapes only)."""
-    if meta:
-        parts = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in parts]
+def _merge_tp(name: str, parts: list[torch.Tensor], gated: bool) -> torch.Tensor:
+    """Merge the tensor-parallel shards of one tensor (meta tensors give the merged shape)."""
     if len(parts) == 1:
         return parts[0]
     if name.endswith(_ROW_PARALLEL):

@@ -26,6 +26,7 @@ from typing import IO, Callable, Iterator, Sequence
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import (
@@ -43,6 +44,18 @@ MEGATRON_METADATA = {
     "common_backend": "torch",
     "common_backend_version": 1,
 }
+
+
+@contextmanager
+def _unwrapped_errors() -> Iterator[None]:
+    """DCP wraps every error of a save or load (Ctrl-C and our one-line errors included) in a
+    CheckpointException; re-raise the original so it reaches the user as itself."""
+    try:
+        yield
+    except CheckpointException as err:
+        for exc, _ in err.failures.values():
+            raise exc from None
+        raise
 
 
 # ---- safe metadata ------------------------------------------------------------------------------------------
@@ -162,7 +175,8 @@ class DistCheckpointReader:
             offsets = tuple(index) + (0,) * (len(shape) - len(index))
             planned.append((fqn, offsets, torch.empty(sizes, dtype=self.dtype(fqn))))
         self._reader.reset(self.path)
-        dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(planned), no_dist=True)
+        with _unwrapped_errors():
+            dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(planned), no_dist=True)
         return [dest.reshape(dest.shape[len(index):]) for (_, index), (_, _, dest) in zip(requests, planned)]
 
 
@@ -320,7 +334,8 @@ def write_dist_checkpoint(path: Path | str, items: Sequence[Chunk | BytesItem],
     if tar is None:
         Path(path).mkdir(parents=True, exist_ok=True)
     writer = _GroupedWriter(str(path), groups, tar)
-    dcp.save({}, storage_writer=writer, planner=_StreamSavePlanner(items, produce), no_dist=True)
+    with _unwrapped_errors():
+        dcp.save({}, storage_writer=writer, planner=_StreamSavePlanner(items, produce), no_dist=True)
     buf = io.BytesIO()
     torch.save(common or {}, buf)
     files = {"common.pt": buf.getvalue(), "metadata.json": json.dumps(MEGATRON_METADATA).encode()}

@@ -110,17 +110,20 @@ class UpcycleConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "UpcycleConfig":
-        """Build from a plain mapping (a Hydra/YAML `recipe:` node); `shorthand` sets E, G and T at once."""
-        values = dict(values)
-        shorthand = values.pop("shorthand", None)
-        known = {f.name for f in fields(cls)}
+        """Build from a plain mapping (a Hydra/YAML `recipe:` node). `shorthand` (e.g. E8G8T8) sets E, G and T;
+        explicit expansion / granularity / topk override it; null values mean "default"."""
+        values = {k: v for k, v in values.items() if v is not None}
+        known = {f.name for f in fields(cls)} | {"shorthand"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UpcycleError(f"unknown recipe option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(known))}")
-        if values.get("layers") is not None:
-            values["layers"] = tuple(values["layers"])
+        shorthand = values.pop("shorthand", None)
         if shorthand:
-            return cls.from_shorthand(shorthand, **{k: v for k, v in values.items() if k not in ("expansion", "granularity", "topk")})
+            base = cls.from_shorthand(shorthand, router_init="random")
+            for key in ("expansion", "granularity", "topk"):
+                values.setdefault(key, getattr(base, key))
+        if "layers" in values:
+            values["layers"] = tuple(values["layers"])
         return cls(**values)
 
     def replace(self, **changes: Any) -> "UpcycleConfig":

@@ -1,0 +1,218 @@
+"""Bad input gets one-line errors; outputs are atomic; inputs are never touched; memory stays bounded."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nemo_upcycle.checkpoint import open_checkpoint
+from nemo_upcycle.cli import main
+from nemo_upcycle.convert import LayerStream, convert
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.recipe import UpcycleConfig
+from nemo_upcycle.verify import verify_conversion
+from tests.conftest import random_model, small_config
+from tests.nemo_fixtures import pack_nemo, write_nemo_dir
+
+RECIPE = UpcycleConfig.from_shorthand("E2G2T2")
+
+
+@pytest.fixture
+def dense_dir(megatron, tmp_path):
+    return write_nemo_dir(tmp_path / "dense", random_model(small_config()), spm=None)
+
+
+def one_line_error(fn, match: str) -> str:
+    with pytest.raises(UpcycleError) as err:
+        fn()
+    text = str(err.value)
+    assert match in text and "\n" not in text, text
+    return text
+
+
+def test_missing_input(tmp_path):
+    one_line_error(lambda: convert(tmp_path / "nope.nemo", tmp_path / "out", RECIPE), "does not exist")
+
+
+def test_not_a_tar_and_truncated_tar(dense_dir, tmp_path):
+    bogus = tmp_path / "bogus.nemo"
+    bogus.write_bytes(b"this is not a tar file at all" * 100)
+    one_line_error(lambda: open_checkpoint(bogus), "is not a readable tar archive")
+    whole = pack_nemo(dense_dir, tmp_path / "whole.nemo").read_bytes()
+    cut = tmp_path / "cut.nemo"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    one_line_error(lambda: open_checkpoint(cut), "truncated")
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink"])
+def test_unsafe_tar_members_are_refused_before_reading(tmp_path, kind):
+    path = tmp_path / "evil.nemo"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("./model_config.yaml")
+        data = b"num_layers: 1\n"
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        evil = tarfile.TarInfo({"absolute": "/etc/evil", "dotdot": "./../evil"}.get(kind, "./link"))
+        if kind == "symlink":
+            evil.type, evil.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        elif kind == "hardlink":
+            evil.type, evil.linkname = tarfile.LNKTYPE, "model_config.yaml"
+        tar.addfile(evil, io.BytesIO(b"") if evil.isfile() else None)
+    one_line_error(lambda: open_checkpoint(path), "unsafe member" if kind in ("absolute", "dotdot") else "is a link")
+
+
+def _edit_config(directory: Path, **changes):
+    cfg = yaml.safe_load((directory / "model_config.yaml").read_text())
+    cfg.update(changes)
+    (directory / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(activation="quick-geglu"), "unsupported activation 'quick-geglu'"),
+    (dict(normalization="batchnorm"), "unsupported normalization 'batchnorm'"),
+    (dict(ffn_hidden_size=96), "shape mismatch for decoder.layers.0.mlp.linear_fc1.weight"),
+    (dict(num_layers=3), "is missing tensor decoder.layers.2"),
+    (dict(position_embedding_type="learned_absolute"), "unsupported position_embedding_type"),
+])
+def test_config_and_weight_mismatches(dense_dir, tmp_path, changes, message):
+    _edit_config(dense_dir, **changes)
+    one_line_error(lambda: convert(dense_dir, tmp_path / "out.nemo", RECIPE, progress=False), message)
+
+
+def test_legacy_checkpoint_with_a_missing_key(megatron, tmp_path):
+    d = write_nemo_dir(tmp_path / "legacy", random_model(small_config()), spm=None, layout="legacy")
+    sd = torch.load(d / "model_weights.ckpt", weights_only=False)
+    del sd["model.decoder.layers.1.self_attention.linear_proj.weight"]
+    torch.save(sd, d / "model_weights.ckpt")
+    one_line_error(lambda: convert(d, tmp_path / "out.nemo", RECIPE, progress=False),
+                   "is missing tensor decoder.layers.1.self_attention.linear_proj.weight")
+
+
+def test_input_already_moe_and_invalid_recipe(dense_dir, tmp_path):
+    convert(dense_dir, tmp_path / "moe.nemo", RECIPE, progress=False)
+    one_line_error(lambda: convert(tmp_path / "moe.nemo", tmp_path / "again.nemo", RECIPE, progress=False),
+                   "already an MoE model")
+    one_line_error(lambda: convert(dense_dir, tmp_path / "x.nemo", UpcycleConfig(expansion=1, granularity=3, topk=3),
+                                   progress=False), "ffn_hidden_size 64 is not divisible by granularity 3")
+
+
+def test_not_enough_disk_is_checked_before_writing(dense_dir, tmp_path, monkeypatch):
+    full_disk = shutil._ntuple_diskusage(total=10**9, used=10**9 - 1000, free=1000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full_disk)
+    one_line_error(lambda: convert(dense_dir, tmp_path / "out.nemo", RECIPE, progress=False), "not enough free disk")
+    assert not any(tmp_path.glob("*out*"))
+
+
+def test_refuses_to_overwrite_unless_told(dense_dir, tmp_path):
+    out = tmp_path / "out.nemo"
+    out.write_text("precious")
+    one_line_error(lambda: convert(dense_dir, out, RECIPE, progress=False), "already exists")
+    assert out.read_text() == "precious"
+    convert(dense_dir, out, RECIPE, progress=False, overwrite=True)
+    assert tarfile.is_tarfile(out)
+
+
+def test_interrupted_run_leaves_nothing_that_looks_complete(dense_dir, tmp_path, monkeypatch):
+    original = LayerStream._compute_layer
+
+    def fail_on_layer_one(self, i):
+        if i == 1:
+            raise KeyboardInterrupt
+        original(self, i)
+
+    monkeypatch.setattr(LayerStream, "_compute_layer", fail_on_layer_one)
+    before = {p: p.stat().st_mtime_ns for p in dense_dir.rglob("*")}
+    for fmt in ("nemo", "megatron"):
+        with pytest.raises(KeyboardInterrupt):
+            convert(dense_dir, tmp_path / f"out-{fmt}", RECIPE, output_format=fmt, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no output, no leftovers
+    assert {p: p.stat().st_mtime_ns for p in dense_dir.rglob("*")} == before  # input untouched
+
+
+def test_verify_catches_a_misordered_expert(dense_dir, tmp_path):
+    convert(dense_dir, tmp_path / "moe.nemo", RECIPE, progress=False)
+    dense, moe = open_checkpoint(dense_dir), open_checkpoint(tmp_path / "moe.nemo")
+    assert verify_conversion(dense, moe, RECIPE)["status"] == "PASSED"
+    read = moe.read
+
+    def swapped(names):  # experts 0 and 1 of layer 1 trade places in fc2 only
+        out = read(names)
+        key = "decoder.layers.1.mlp.experts.linear_fc2.weight"
+        if key in out:
+            out[key] = out[key][[1, 0, 2, 3]]
+        return out
+
+    moe.read = swapped
+    assert verify_conversion(dense, moe, RECIPE)["status"] == "FAILED"
+
+
+def test_cli_dry_run_writes_nothing_and_errors_are_one_line(dense_dir, tmp_path, capsys):
+    out = tmp_path / "out.nemo"
+    assert main(["convert", str(dense_dir), str(out), "--recipe", "E8G8T8", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"decoder\.layers\.1\.mlp\.experts\.linear_fc1\.weight +\| 64x8x32 ", text)
+    assert not out.exists()
+    assert main(["convert", str(dense_dir), str(out), "--recipe", "E4G4T6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: top-k 6 must be a multiple of granularity 4 for virtual-group routing: pick topk "
+                   "in multiples of G, or router_init=random")
+    assert main(["convert", str(dense_dir), str(out), "--granularity", "2", "--topk", "2", "--num-experts", "8",
+                 "--router", "sigmoid", "--verify", "--quiet"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from nemo_upcycle.convert import convert, peak_rss_bytes
+    from nemo_upcycle.recipe import UpcycleConfig
+    recipe = UpcycleConfig.from_shorthand("E8G1T2")
+    convert(sys.argv[3], sys.argv[4], recipe, progress=False)  # warm-up: lazy imports, allocator pools
+    before = peak_rss_bytes()
+    s = convert(sys.argv[1], sys.argv[2], recipe, progress=False)
+    print(json.dumps({"baseline": before, "peak": s.peak_rss_bytes,
+                      "layer_out": s.plan.bytes_out / s.plan.moe.num_layers}))
+""")
+
+
+def _write_legacy_dense(path: Path, layers: int, hidden: int = 512) -> Path:
+    """A dense legacy .nemo of `layers` layers (8 MB MLPs at hidden 512), written without Megatron."""
+    cfg = small_config(num_layers=layers, hidden_size=hidden, ffn_hidden_size=4 * hidden, num_attention_heads=8,
+                       num_query_groups=8, vocab_size=128)
+    from nemo_upcycle.checkpoint.nemo_config import nemo_config_from_gpt
+    from nemo_upcycle.models import GPTModel
+    from nemo_upcycle.models.keys import local_to_te
+
+    path.mkdir()
+    (path / "model_config.yaml").write_text(yaml.safe_dump(nemo_config_from_gpt(cfg)))
+    sd = local_to_te(GPTModel(cfg).state_dict(), cfg.moe_layer_pattern())
+    torch.save({"model." + k: v for k, v in sd.items()}, path / "model_weights.ckpt")
+    return path
+
+
+def test_peak_memory_is_bounded_by_a_layer_not_the_model(tmp_path):
+    """Peak RSS growth over the post-import baseline stays under 3x one layer's output, for 2 and for 8 layers."""
+    results = {}
+    tiny = _write_legacy_dense(tmp_path / "tiny", 1, hidden=64)
+    for layers in (2, 8):
+        src = _write_legacy_dense(tmp_path / f"dense{layers}", layers)
+        args = [str(src), str(tmp_path / f"moe{layers}.nemo"), str(tiny), str(tmp_path / f"warm{layers}.nemo")]
+        proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *args],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[layers] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in results.values():
+        assert r["peak"] - r["baseline"] < 3 * r["layer_out"], r
+    growth = results[8]["peak"] - results[2]["peak"]
+    assert growth < 0.5 * results[8]["layer_out"], results  # independent of the number of layers
