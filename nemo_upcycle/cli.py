@@ -14,7 +14,11 @@ from nemo_upcycle.errors import UpcycleError
 
 # command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
+    "convert": ("nemo_upcycle.convert", "upcycle a dense .nemo / Megatron / Hugging Face checkpoint into an MoE one"),
+    "train": ("nemo_upcycle.train.run", "continue training a .nemo (dense or upcycled) with Lightning on Megatron data"),
     "demo": ("nemo_upcycle.demo", "upcycle a small dense Nemotron to E8G1T2 and E8G8T8 and check step-0 equivalence"),
+    "preprocess": ("nemo_upcycle.data.preprocess", "tokenize jsonl, text files or folders into Megatron .bin/.idx datasets"),
+    "eval": ("nemo_upcycle.eval.cli", "evaluate checkpoints on MMLU (or other lm-eval tasks) offline, side by side"),
 }
 
 

@@ -65,19 +65,29 @@ def make_writer(output_format: str, path: Path | str, overwrite: bool = False, p
     raise UpcycleError(f"unknown output format '{output_format}': use one of {', '.join(OUTPUT_FORMATS)}")
 
 
-def load_tokenizer_of(reader: CheckpointReader):
-    """The checkpoint's own tokenizer (its artifacts are loaded into memory; nothing stays on disk)."""
+def load_tokenizer_of(source: CheckpointReader | Tokenizer | Path | str):
+    """The tokenizer of a checkpoint (a reader, its Tokenizer spec, or a .nemo path: only its config and
+    tokenizer artifacts are read). Artifacts are loaded into memory; nothing stays on disk."""
     import tempfile
 
     from nemo_upcycle.data.tokenizers import load_tokenizer
 
-    if reader.tokenizer is None:
-        raise UpcycleError("the checkpoint has no tokenizer: pass one explicitly (a SentencePiece .model, a Hugging "
-                           "Face tokenizer folder, or 'byte')")
+    where = "the checkpoint"
+    if isinstance(source, (str, Path)):
+        from nemo_upcycle.checkpoint.nemo import NemoFiles
+
+        files = NemoFiles(source)
+        files.close()
+        spec, where = files.tokenizer, str(source)
+    else:
+        spec = source if isinstance(source, Tokenizer) else source.tokenizer
+    if spec is None:
+        raise UpcycleError(f"{where} has no tokenizer section in its model_config.yaml: pass a tokenizer explicitly "
+                           "(a SentencePiece .model, a Hugging Face tokenizer folder, or 'byte')")
     with tempfile.TemporaryDirectory(prefix="nemo-upcycle-tok-") as tmp:
-        for name, data in reader.tokenizer.artifacts.items():
+        for name, data in spec.artifacts.items():
             (Path(tmp) / name).write_bytes(data)
-        return load_tokenizer(reader.tokenizer.config, resolve=lambda name: Path(tmp) / name)
+        return load_tokenizer(spec.config, resolve=lambda name: Path(tmp) / name)
 
 
 def load_model(path: Path | str, input_format: str = "auto", model_config: dict[str, Any] | None = None):

@@ -42,40 +42,36 @@ _COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight",
 _ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
 
 
-class NemoReader(CheckpointReader):
+class NemoFiles:
+    """The files of a `.nemo` (tar or extracted directory), validated: model_config.yaml, the tokenizer and its
+    artifacts. Reading them never touches the weights, so a tokenizer comes out of a 100 GB file at once."""
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
         if not self.path.exists():
             raise UpcycleError(f"{self.path} does not exist: pass a .nemo file or an extracted .nemo directory")
         self.archive = None if self.path.is_dir() else TarArchive(self.path)
-        self._tmp: Path | None = None
-        self.source_config = self._load_yaml("model_config.yaml")
+        self.config = self._load_config()
         self.tokenizer = self._read_tokenizer()
-        self._dist: DistCheckpointReader | None = None
-        self._legacy: list[Path] | None = None  # legacy shard files, by slot
-        self._index: dict[str, tuple[str, tuple[int, ...]]] = {}  # canonical -> (fqn, index) [torch_dist]
-        self._legacy_index: dict[str, list[tuple[int, str]]] = {}  # canonical -> [(shard, key), ...]
-        self._open_weights()
-        vocab = self._infos["embedding.word_embeddings.weight"].shape[0]
-        self.config: GPTConfig = gpt_config_from_nemo(self.source_config, vocab)
 
-    # ---- files ------------------------------------------------------------------------------------------
-    def _names(self) -> list[str]:
+    def names(self) -> list[str]:
         if self.archive is not None:
             return self.archive.names()
         return [str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()]
 
-    def _read_bytes(self, name: str) -> bytes:
+    def read_bytes(self, name: str) -> bytes:
         if self.archive is not None:
             return self.archive.read_bytes(name)
         p = self.path / name
+        if p.is_symlink() or not p.resolve().is_relative_to(self.path.resolve()):
+            raise UpcycleError(f"'{name}' in {self.path} is a link or lies outside the folder: refusing to read it")
         if not p.is_file():
             raise UpcycleError(f"'{name}' is missing from {self.path}")
         return p.read_bytes()
 
-    def _load_yaml(self, name: str) -> dict[str, Any]:
+    def _load_config(self) -> dict[str, Any]:
         try:
-            cfg = yaml.safe_load(self._read_bytes(name))
+            cfg = yaml.safe_load(self.read_bytes("model_config.yaml"))
         except UpcycleError:
             raise UpcycleError(f"{self.path} has no model_config.yaml: is it a .nemo checkpoint?")
         except yaml.YAMLError as err:
@@ -85,15 +81,34 @@ class NemoReader(CheckpointReader):
         return cfg
 
     def _read_tokenizer(self) -> Tokenizer | None:
-        cfg = self.source_config.get("tokenizer")
+        cfg = self.config.get("tokenizer")
         if not isinstance(cfg, dict):
             return None
         artifacts = {}
         for value in cfg.values():
             if isinstance(value, str) and value.startswith("nemo:"):
                 name = value[len("nemo:"):]
-                artifacts[name] = self._read_bytes(name)
+                artifacts[name] = self.read_bytes(name)
         return Tokenizer(config=dict(cfg), artifacts=artifacts)
+
+    def close(self) -> None:
+        if self.archive is not None:
+            self.archive.close()
+
+
+class NemoReader(CheckpointReader):
+    def __init__(self, path: Path | str):
+        self.files = NemoFiles(path)
+        self.path, self.archive = self.files.path, self.files.archive
+        self._tmp: Path | None = None
+        self.source_config, self.tokenizer = self.files.config, self.files.tokenizer
+        self._dist: DistCheckpointReader | None = None
+        self._legacy: list[Path] | None = None  # legacy shard files, by slot
+        self._index: dict[str, tuple[str, tuple[int, ...]]] = {}  # canonical -> (fqn, index) [torch_dist]
+        self._legacy_index: dict[str, list[tuple[int, str]]] = {}  # canonical -> [(shard, key), ...]
+        self._open_weights()
+        vocab = self._infos["embedding.word_embeddings.weight"].shape[0]
+        self.config: GPTConfig = gpt_config_from_nemo(self.source_config, vocab)
 
     def _local_copy(self, prefix: str) -> Path:
         """A real directory for `prefix`: the directory itself, or an extraction (gzip tars, legacy mmap)."""
@@ -105,7 +120,7 @@ class NemoReader(CheckpointReader):
 
     # ---- weights ----------------------------------------------------------------------------------------
     def _open_weights(self) -> None:
-        names = self._names()
+        names = self.files.names()
         if "model_weights/.metadata" in names:
             if self.archive is not None and not self.archive.compressed:
                 self._dist = DistCheckpointReader("model_weights", archive=self.archive)
@@ -215,8 +230,7 @@ class NemoReader(CheckpointReader):
                 for n in names}
 
     def close(self) -> None:
-        if self.archive is not None:
-            self.archive.close()
+        self.files.close()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

@@ -9,10 +9,14 @@ import sysconfig
 from pathlib import Path
 
 
+def stdlib_root() -> Path:
+    """The folder holding this Python's standard library source."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_files() -> list[Path]:
     """The standard library's .py files in a fixed order (site-packages excluded)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+    return sorted(p for p in stdlib_root().rglob("*.py") if "site-packages" not in p.parts and p.is_file())
 
 
 def stdlib_text(max_bytes: int, offset: int = 0) -> str:

@@ -1,7 +1,40 @@
-"""Tokenizers with the small interface the rest of the project uses (and Megatron's datasets need):
-`vocab_size`, `eod`, `encode(text) -> list[int]`, `decode(ids) -> str`, `unique_identifiers`."""
+"""Tokenizers behind one small interface, so preprocessing, datasets and training never ask which library made
+the ids: `vocab_size`, `eod`, `bos_id`, `encode(text)` (no special tokens added), `decode(ids)` and
+`unique_identifiers` (what Megatron-core's datasets put in their cache keys; it holds the tokenizer file's
+checksum, so a changed tokenizer never reuses stale indices).
+
+Three kinds: `ByteTokenizer` (UTF-8 bytes; needs no file), `SentencePieceTokenizer` (a `.model` file, the
+Nemotron / Llama family) and `HFTokenizer` (a local Hugging Face tokenizer folder). `load_tokenizer` reads the
+`tokenizer:` section of a NeMo 1.x `model_config.yaml`; `tokenizer_from_spec` turns a `--tokenizer` argument
+(`byte`, a `.nemo` file, a `.model` file or a Hugging Face folder) into a tokenizer. Every tokenizer is held in
+memory once built and pickles without its files, so worker processes get it whole and temporary files can go.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import tarfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from nemo_upcycle.errors import UpcycleError
+
+TOKENIZER_SPEC_HELP = ("'byte', a .nemo file (its own tokenizer), a SentencePiece .model file, or a Hugging Face "
+                       "tokenizer folder")
+
+
+class Tokenizer(Protocol):
+    """What the project (and Megatron-core's GPTDataset: vocab_size, eod, unique_identifiers) needs."""
+
+    vocab_size: int
+    eod: int
+    bos_id: int | None
+    unique_identifiers: dict
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 class ByteTokenizer:
@@ -9,6 +42,7 @@ class ByteTokenizer:
 
     vocab_size = 257
     eod = 256
+    bos_id = None
 
     @property
     def unique_identifiers(self) -> dict:
@@ -17,5 +51,157 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model; its eos id ends documents, as in NeMo's and Megatron's SentencePiece tokenizers."""
+
+    def __init__(self, model_file: str | Path):
+        import sentencepiece
+
+        model_file = Path(model_file)
+        proto = model_file.read_bytes()
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as err:
+            raise UpcycleError(f"{model_file} is not a SentencePiece model; pass a tokenizer .model file, "
+                               f"or a folder for a Hugging Face tokenizer") from err
+        if self._sp.eos_id() < 0:
+            raise UpcycleError(f"SentencePiece model {model_file} has no eos piece to end documents with; "
+                               f"train it with an eos_id")
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod = self._sp.eos_id()
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.unique_identifiers = {"class": "SentencePieceTokenizer", "sha256": hashlib.sha256(proto).hexdigest()}
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+# The files AutoTokenizer reads from a folder: hashed for the cache key; model weights next to them are not.
+_HF_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "added_tokens.json",
+                       "*.model", "*.tiktoken")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local folder (offline: `local_files_only=True`); its eos ends documents."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        files = sorted({p for pattern in _HF_TOKENIZER_FILES for p in folder.glob(pattern) if p.is_file()})
+        if not files:
+            raise UpcycleError(f"{folder} holds no Hugging Face tokenizer files (tokenizer.json, "
+                               f"tokenizer_config.json, vocab/merges); pass a folder saved with save_pretrained")
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if self._tok.eos_token_id is None:
+            raise UpcycleError(f"Hugging Face tokenizer {folder} has no eos_token to end documents with; set "
+                               f"eos_token in its tokenizer_config.json")
+        self.vocab_size = len(self._tok)  # with added tokens, unlike HF's vocab_size
+        self.eod = self._tok.eos_token_id
+        self.bos_id = self._tok.bos_token_id
+        self.unique_identifiers = {"class": "HFTokenizer", "sha256": _sha256_files(files)}
+
+    def encode(self, text: str) -> list[int]:
+        # verbose=False: documents longer than model_max_length are expected here, not an error.
+        return self._tok.encode(text, add_special_tokens=False, verbose=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
+
+
+def _sha256_files(files: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def load_tokenizer(cfg: Mapping, resolve: Callable[[str], Path] | None = None) -> Tokenizer:
+    """The tokenizer a NeMo 1.x `model_config.yaml` `tokenizer:` section describes.
+
+    `library` is sentencepiece (`model`: the .model file), huggingface (`type`: a local folder) or byte (ours).
+    Values written `nemo:<32 hex>_<name>` are artifacts inside a .nemo file: `resolve` gets `<32 hex>_<name>`
+    and returns a local path to it (the .nemo reader supplies it); other values are local paths.
+    """
+    library = cfg.get("library")
+
+    def path(field: str) -> Path:
+        value = cfg.get(field)
+        if not value:
+            raise UpcycleError(f"tokenizer library {library} needs tokenizer.{field}, which is not set; add the "
+                               f"tokenizer file's path to the config")
+        value = str(value)
+        if value.startswith("nemo:"):
+            if resolve is None:
+                raise UpcycleError(f"tokenizer.{field} = {value} is a file inside a .nemo archive; load the "
+                                   f"tokenizer from the .nemo file itself")
+            return Path(resolve(value[len("nemo:"):]))
+        if not Path(value).expanduser().exists():
+            raise UpcycleError(f"tokenizer.{field} = {value} is not an existing local path; point it at the "
+                               f"tokenizer file or folder (Hugging Face names are not downloaded: save the "
+                               f"tokenizer to a folder first)")
+        return Path(value).expanduser()
+
+    if library == "sentencepiece":
+        return SentencePieceTokenizer(path("model"))
+    if library == "huggingface":
+        return HFTokenizer(path("type"))
+    if library == "byte":
+        return ByteTokenizer()
+    raise UpcycleError(f"tokenizer library {library!r} is not supported; use sentencepiece, huggingface or byte")
+
+
+def tokenizer_from_spec(spec: str) -> Tokenizer:
+    """The tokenizer a `--tokenizer` argument names: 'byte', a .nemo file or extracted .nemo folder (the
+    tokenizer in its model_config.yaml), a SentencePiece .model file, or a Hugging Face tokenizer folder."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UpcycleError(f"tokenizer {spec} does not exist; pass {TOKENIZER_SPEC_HELP}")
+    if (path / "model_config.yaml").is_file() or (path.is_file() and (path.suffix == ".nemo" or
+                                                                      tarfile.is_tarfile(path))):
+        from nemo_upcycle.checkpoint import load_tokenizer_of
+
+        return load_tokenizer_of(path)  # reads only model_config.yaml and the tokenizer artifacts
+    if path.is_dir():
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)
+
+
+def train_sentencepiece(texts: Iterable[str] | Path, vocab_size: int, model_prefix: str | Path,
+                        model_type: str = "bpe") -> Path:
+    """Train a small SentencePiece model on `texts` (documents, or a text file as a Path); returns
+    `<model_prefix>.model`. model_type: "bpe" or "unigram".
+
+    Set up for source code and any other text: byte fallback (every string encodes, rare characters as bytes),
+    no normalisation and no dummy prefix (decode(encode(text)) == text, whitespace included), whitespace-only
+    pieces (indentation). One thread and no sampling, so the same input gives the same model, byte for byte.
+    """
+    import sentencepiece
+
+    if vocab_size < 260:
+        raise UpcycleError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte pieces plus "
+                           f"unk, bos and eos; use 260 or more")
+    if isinstance(texts, Path):
+        texts = [texts.read_text(encoding="utf-8")]
+    elif isinstance(texts, str):  # one document, not an iterable of characters
+        texts = [texts]
+    model = Path(f"{model_prefix}.model")
+    model.parent.mkdir(parents=True, exist_ok=True)
+    with open(model, "wb") as writer:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=(line for text in texts for line in text.splitlines()), model_writer=writer,
+            vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+        )
+    return model

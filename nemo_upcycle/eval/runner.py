@@ -1,0 +1,163 @@
+"""Evaluate models with lm-evaluation-harness, offline: MMLU from local files, other tasks from the HF cache.
+
+`evaluate_models` is the library entry point (models already in memory); `run_eval` is what the CLI and
+examples/eval.py call (checkpoint paths, loaded one at a time, results written to disk).
+
+MMLU names (`mmlu`, `mmlu_stem`, `mmlu_humanities`, `mmlu_social_sciences`, `mmlu_other`, `mmlu_<subject>`) are
+served from `data_dir` through task configs generated from lm-eval's own (see mmlu_tasks.py). Any other name goes
+to lm-eval's built-in tasks, whose datasets must already be in the Hugging Face cache (HF_HOME is left as the user
+has it, so that cache is found). The Hub is never contacted: HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 are set
+before lm-eval and datasets are imported (a process that imported `datasets` earlier should export them itself).
+Local MMLU is built into a per-run temporary folder, Arrow cache included, so it never goes stale or fills HF_HOME.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.eval.mmlu_data import LAYOUTS_HELP, read_mmlu
+from nemo_upcycle.eval.mmlu_tasks import mmlu_subjects, mmlu_task_names, write_mmlu_tasks
+
+if TYPE_CHECKING:
+    import torch
+    from lm_eval.tasks import TaskManager
+
+    from nemo_upcycle.data.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+ModelAndTokenizer = tuple["torch.nn.Module", "Tokenizer"]
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `nemo-upcycle eval` and conf/eval.yaml take, under the same names, with the same defaults."""
+
+    models: tuple[str, ...]  # checkpoint paths; each becomes a column of the table
+    tasks: tuple[str, ...] = ("mmlu",)
+    num_fewshot: int = 5  # MMLU's standard 5-shot; applies to every task
+    data_dir: str | None = None  # local MMLU: cais/mmlu folder, Hendrycks data folder or its .tar/.tar.gz
+    limit: int | None = None  # first N questions of each task (subject), for quick runs
+    batch_size: int = 8
+    output_dir: str = "eval_out"
+    device: str = "cpu"
+    log_samples: bool = False  # also write every prompt and response (samples_<task>.jsonl)
+
+    def __post_init__(self) -> None:
+        for name in ("models", "tasks"):  # lists from argparse or Hydra become tuples
+            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
+        if not self.models:
+            raise UpcycleError("no model to evaluate: pass one or more checkpoint paths")
+        if len(set(self.models)) != len(self.models):
+            raise UpcycleError(f"a model is listed twice in {list(self.models)}: list each checkpoint once")
+        if not self.tasks:
+            raise UpcycleError("no task to evaluate: pass --tasks mmlu (or lm-eval task names)")
+        if self.num_fewshot < 0 or self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise UpcycleError(f"num_fewshot {self.num_fewshot} must be >= 0, batch_size {self.batch_size} >= 1 "
+                               f"and limit {self.limit} >= 1 (or unset)")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "EvalOptions":
+        """From a Hydra/OmegaConf config: unknown keys are an error, not ignored."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UpcycleError(f"unknown eval option(s) {', '.join(unknown)}: see conf/eval.yaml for the names")
+        return cls(**values)
+
+
+def evaluate_models(models: Mapping[str, ModelAndTokenizer] | Iterable[tuple[str, ModelAndTokenizer]],
+                    tasks: Iterable[str] = ("mmlu",), *, data_dir: str | Path | None = None, num_fewshot: int = 5,
+                    limit: int | None = None, batch_size: int = 8, max_length: int | None = None,
+                    log_samples: bool = False) -> dict[str, dict]:
+    """lm-eval's results dict per model name. `models` maps a name to (module, tokenizer); it may be a lazy
+    iterable of pairs, so that only one model needs to be in memory. max_length defaults to the model's
+    `config.seq_length`."""
+    tasks = list(tasks)
+    pairs = models.items() if isinstance(models, Mapping) else models
+    with _task_manager(tasks, data_dir) as task_manager:
+        return {name: _evaluate(model, tokenizer, tasks, task_manager, num_fewshot=num_fewshot, limit=limit,
+                                batch_size=batch_size, max_length=max_length, log_samples=log_samples)
+                for name, (model, tokenizer) in pairs}
+
+
+def run_eval(options: EvalOptions) -> str:
+    """Evaluate each checkpoint, write lm-eval's JSON per model and results.md; return the markdown table."""
+    from nemo_upcycle.eval.results import results_table, write_results
+
+    def load(path: str) -> ModelAndTokenizer:
+        from nemo_upcycle.checkpoint import load_model
+
+        model, tokenizer = load_model(path)
+        if options.device == "cpu":
+            model = model.float()  # bf16 matmuls are slow on CPUs
+        return model.to(options.device).eval(), tokenizer
+
+    results = evaluate_models(((path, load(path)) for path in options.models), options.tasks,
+                              data_dir=options.data_dir, num_fewshot=options.num_fewshot, limit=options.limit,
+                              batch_size=options.batch_size, log_samples=options.log_samples)
+    write_results(results, Path(options.output_dir))
+    return results_table(results)
+
+
+# ---- internals ----------------------------------------------------------------------------------------------------
+@contextmanager
+def _task_manager(tasks: list[str], data_dir: str | Path | None) -> Iterator["TaskManager"]:
+    """A TaskManager that knows every requested task; local MMLU configs and data live in a temporary folder."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from lm_eval.tasks import TaskManager
+
+    local = [t for t in tasks if t in mmlu_task_names()]
+    builtin = [t for t in tasks if t not in local]
+    with tempfile.TemporaryDirectory(prefix="nemo_upcycle_eval_") as tmp:
+        include_path = None
+        if local:
+            if data_dir is None:
+                raise UpcycleError(f"task(s) {', '.join(local)} read MMLU from local files: pass --data-dir "
+                                   f"{LAYOUTS_HELP}")
+            docs = read_mmlu(data_dir, Path(tmp))
+            written = write_mmlu_tasks(docs, Path(tmp) / "tasks")
+            missing = [t for t in local if t not in written]
+            if missing:
+                raise UpcycleError(f"task(s) {', '.join(missing)} have no subject among the {len(docs)} in "
+                                   f"{data_dir}: add their files or choose other tasks")
+            if "mmlu" in local and len(docs) < len(mmlu_subjects()):
+                log.warning("%s has %d of MMLU's %d subjects: the mmlu averages cover those only",
+                            data_dir, len(docs), len(mmlu_subjects()))
+            include_path = str(Path(tmp) / "tasks")
+        # built-in tasks need lm-eval's own index (a few seconds to scan); local MMLU configs take precedence in it
+        manager = TaskManager(include_path=include_path, include_defaults=bool(builtin))
+        unknown = [t for t in builtin if t not in manager.all_tasks]
+        if unknown:
+            raise UpcycleError(f"unknown task(s) {', '.join(unknown)}: use mmlu, mmlu_<category>, mmlu_<subject> "
+                               f"or a task from `lm-eval ls tasks`")
+        yield manager
+
+
+def _evaluate(model: "torch.nn.Module", tokenizer: "Tokenizer", tasks: list[str], task_manager: "TaskManager", *,
+              num_fewshot: int, limit: int | None, batch_size: int, max_length: int | None,
+              log_samples: bool) -> dict:
+    import datasets
+    import lm_eval
+
+    from nemo_upcycle.eval.lm_adapter import ModelLM
+
+    if max_length is None:
+        config = getattr(model, "config", None)
+        if not hasattr(config, "seq_length"):
+            raise UpcycleError(f"{type(model).__name__} has no config.seq_length to bound its inputs: pass max_length")
+        max_length = config.seq_length
+    lm = ModelLM(model, tokenizer, max_length=max_length, batch_size=batch_size)
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                       task_manager=task_manager, log_samples=log_samples)
+    except ConnectionError as err:  # what `datasets` raises offline for a dataset that is not cached
+        raise UpcycleError(f"{err}: the dataset is not in the Hugging Face cache ({datasets.config.HF_DATASETS_CACHE});"
+                           f" download it once where the Hub is reachable, or use MMLU with --data-dir") from err

@@ -1,0 +1,123 @@
+"""Two interchangeable implementations of the same GPT for training, behind one small interface.
+
+  torch     the reference model (nemo_upcycle/models/reference.py): CPU or one GPU, readable, no parallelism
+  megatron  Megatron-core's GPTModel: the Transformer Engine spec with grouped-GEMM experts and FP8 on GPUs,
+            the local spec on CPU; tensor / pipeline / expert parallelism through parallel_state
+
+Both take token ids (B, S) and return a `Step`: logits, the extra objective terms to add to the LM loss, and
+what to log (aux loss, z-loss, tokens per expert). Megatron injects its router losses into the gradient itself
+(MoEAuxLossAutoScaler), so its `objective` is zero and its losses are read from Megatron's tracker; the
+reference model returns them for the training step to add. Weights move in and out under canonical names
+(local-spec keys, experts stacked), so checkpoints do not depend on the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from nemo_upcycle.models.config import GPTConfig
+from nemo_upcycle.models.keys import stack_experts, unstack_experts
+
+BACKENDS = ("auto", "torch", "megatron")
+
+
+@dataclass
+class Step:
+    logits: torch.Tensor  # (B, S, V)
+    objective: torch.Tensor  # added to the LM loss (router losses when the backend does not inject them)
+    aux_loss: torch.Tensor  # for logging: load-balancing loss summed over layers, coefficient applied
+    z_loss: torch.Tensor
+    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # one (N,) per MoE layer
+
+
+def default_backend() -> str:
+    """megatron where CUDA and Transformer Engine are present, else torch."""
+    from nemo_upcycle.models.megatron import have_transformer_engine
+
+    return "megatron" if torch.cuda.is_available() and have_transformer_engine() else "torch"
+
+
+def build_backend(cfg: GPTConfig, backend: str = "auto", **megatron_options) -> nn.Module:
+    if backend == "auto":
+        backend = default_backend()
+    if backend == "torch":
+        return TorchBackend(cfg)
+    if backend == "megatron":
+        return MegatronBackend(cfg, **megatron_options)
+    from nemo_upcycle.errors import UpcycleError
+
+    raise UpcycleError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
+
+
+class TorchBackend(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        from nemo_upcycle.models.reference import GPTModel
+
+        self.config = cfg
+        self.model = GPTModel(cfg)
+
+    def forward(self, tokens: torch.Tensor) -> Step:
+        out = self.model(tokens)
+        return Step(out.logits, out.aux_loss + out.z_loss, out.aux_loss.detach(), out.z_loss.detach(),
+                    out.tokens_per_expert)
+
+    def canonical_state_dict(self) -> dict[str, torch.Tensor]:
+        return stack_experts(self.model.state_dict())
+
+    def load_canonical_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(unstack_experts(state))
+
+
+class MegatronBackend(nn.Module):
+    """Megatron-core GPTModel. Parallel state must be initialised (nemo_upcycle.compat does it for one process)."""
+
+    def __init__(self, cfg: GPTConfig, use_te: bool | None = None, grouped_gemm: bool = False, **config_overrides):
+        super().__init__()
+        from nemo_upcycle.compat import init_single_process_megatron
+        from nemo_upcycle.models.megatron import build_megatron_gpt
+
+        init_single_process_megatron()
+        self.config = cfg
+        self.model = build_megatron_gpt(cfg, use_te=use_te, grouped_gemm=grouped_gemm, **config_overrides)
+        self._counts: dict[int, torch.Tensor] = {}
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        routers = [m for m in self.model.modules() if isinstance(m, TopKRouter)]
+        for i, router in enumerate(routers):
+            router.register_forward_hook(lambda mod, inp, out, i=i: self._counts.__setitem__(i, out[1].sum(0)))
+
+    def forward(self, tokens: torch.Tensor) -> Step:
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker)
+
+        from nemo_upcycle.models.megatron import megatron_forward
+
+        clear_aux_losses_tracker()
+        self._counts.clear()
+        logits = megatron_forward(self.model, tokens)
+        tracker = get_moe_layer_wise_logging_tracker()
+        zero = logits.new_zeros((), dtype=torch.float32)
+
+        def tracked(name: str, coeff: float | None) -> torch.Tensor:
+            if name not in tracker or not coeff:
+                return zero
+            return tracker[name]["values"].sum().float().detach().to(zero.device) * coeff
+
+        aux = tracked("load_balancing_loss", self.config.moe_aux_loss_coeff)
+        z = tracked("z_loss", self.config.moe_z_loss_coeff)
+        counts = [self._counts[i] for i in sorted(self._counts)]
+        return Step(logits, zero, aux, z, counts)
+
+    def canonical_state_dict(self) -> dict[str, torch.Tensor]:
+        from nemo_upcycle.models.megatron import reference_weights
+
+        return stack_experts(reference_weights(self.model))
+
+    def load_canonical_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from nemo_upcycle.models.megatron import load_reference_weights
+
+        load_reference_weights(self.model, unstack_experts(state), self.config)

@@ -1,0 +1,265 @@
+"""The NeMo model class for an upcycled Nemotron-style GPT (and its dense source): a `nemo.core.ModelPT`,
+hence a Lightning module, with `.nemo` save/restore in the format NeMo 1.x MegatronGPTModel uses.
+
+    model = MegatronUpcycledGPTModel.restore_from("moe.nemo", trainer=trainer)      # converter output
+    model = MegatronUpcycledGPTModel.restore_from("dense.nemo")                     # a dense NeMo 1.x .nemo
+    model = MegatronUpcycledGPTModel.from_dense("dense.nemo", UpcycleConfig.from_shorthand("E8G8T8"))
+    trainer.fit(model); model.save_to("trained.nemo")
+
+`from_dense` upcycles at restore time (what Megatron-LM's `--moe-use-upcycling` does) with the same recipe code
+as `nemo-upcycle convert`, so both give identical weights. The model config is NeMo's `model_config.yaml`
+(model fields plus `vocab_size`, `backend`, `data`, `optim`, batch sizes). `backend` picks the implementation:
+`torch` (the reference model) or `megatron` (Megatron-core; default where CUDA and Transformer Engine exist).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from nemo.core.classes import ModelPT
+from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
+from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from nemo_upcycle.checkpoint import CheckpointReader, Tokenizer, open_checkpoint
+from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
+from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
+from nemo_upcycle.convert import check_tensors
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.models.backends import build_backend
+from nemo_upcycle.models.config import GPTConfig
+from nemo_upcycle.models.keys import stack_experts
+from nemo_upcycle.models.reference import lm_loss
+from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
+
+if "nemo_upcycle." not in ALLOWED_TARGET_PREFIXES:  # let NeMo's restore instantiate our classes
+    ALLOWED_TARGET_PREFIXES.append("nemo_upcycle.")
+
+TARGET = "nemo_upcycle.models.nemo_model.MegatronUpcycledGPTModel"
+
+
+def padded_vocab_size(vocab: int, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
+    """Megatron's vocabulary padding: round up to a multiple of divisible_by * TP."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab // multiple) * multiple
+
+
+class UpcycleSaveRestoreConnector(SaveRestoreConnector):
+    """Reads every `.nemo` layout nemo-upcycle reads (torch_dist, legacy TP/PP, tar or directory) and writes
+    NeMo 1.x's torch_dist `.nemo`, so NeMo, Megatron-LM and the converter all read what the model saves."""
+
+    def save_to(self, model: "MegatronUpcycledGPTModel", save_path: str) -> None:
+        from nemo.utils.get_rank import is_global_rank_zero
+
+        from nemo_upcycle.checkpoint.nemo import NemoWriter
+
+        if not is_global_rank_zero():
+            return
+        ckpt = model.as_checkpoint()
+        writer = NemoWriter(Path(save_path), overwrite=True, pack=self.pack_nemo_file)
+        writer.write(ckpt.config, ckpt.tensors(), lambda name: ckpt.read([name])[name], ckpt)
+
+    def restore_from(self, calling_cls, restore_path: str, override_config_path=None, map_location=None,
+                     strict: bool = True, return_config: bool = False, trainer: Trainer | None = None,
+                     validate_access_integrity: bool = True):
+        with open_checkpoint(restore_path) as reader:
+            conf = model_config_for(reader.config, reader.source_config, reader.tokenizer)
+            if override_config_path is not None:
+                override = override_config_path if isinstance(override_config_path, DictConfig) \
+                    else OmegaConf.load(override_config_path)
+                conf = OmegaConf.merge(conf, override)
+            if return_config:
+                return conf
+            instance = calling_cls.from_config_dict(config=conf, trainer=trainer)
+            instance.tokenizer_spec = reader.tokenizer
+            instance.load_checkpoint(reader, strict=strict)
+        if map_location is not None:
+            instance.to(map_location)
+        return instance
+
+
+def model_config_for(gpt: GPTConfig, base: dict[str, Any] | None, tokenizer: Tokenizer | None) -> DictConfig:
+    """The ModelPT config of a checkpoint: NeMo's model_config fields + vocab_size + our target."""
+    cfg = nemo_config_from_gpt(gpt, base)
+    cfg["vocab_size"] = gpt.vocab_size
+    cfg["target"] = TARGET  # nemo_config_from_gpt keeps NeMo's MegatronGPTModel target for files; ours here
+    if tokenizer is not None:
+        cfg["tokenizer"] = tokenizer.config
+    return OmegaConf.create(cfg)
+
+
+class MegatronUpcycledGPTModel(ModelPT):
+    def __init__(self, cfg: DictConfig, trainer: Trainer | None = None):
+        super().__init__(cfg=cfg, trainer=trainer)
+        self._save_restore_connector = UpcycleSaveRestoreConnector()
+        self.gpt_config = gpt_config_from_nemo(OmegaConf.to_container(cfg, resolve=True), self._vocab_size(cfg))
+        self.backend = build_backend(self.gpt_config, cfg.get("backend", "auto"))
+        self.tokenizer_spec: Tokenizer | None = None  # the tokenizer config + artifact bytes saved with the model
+        self._tokenizer = None
+        self._last_step_end: float | None = None
+
+    # ---- construction --------------------------------------------------------------------------------------
+    @staticmethod
+    def _vocab_size(cfg: DictConfig) -> int:
+        if cfg.get("vocab_size"):
+            return int(cfg.vocab_size)
+        raise UpcycleError("the model config has no vocab_size: set model.vocab_size (the padded embedding size)")
+
+    @classmethod
+    def restore_from(cls, restore_path: str, override_config_path=None, map_location=None, strict: bool = True,
+                     return_config: bool = False, save_restore_connector: SaveRestoreConnector | None = None,
+                     trainer: Trainer | None = None, validate_access_integrity: bool = True):
+        if not Path(restore_path).exists():
+            raise UpcycleError(f"{restore_path} does not exist: pass a .nemo file or directory")
+        return super().restore_from(restore_path, override_config_path, map_location, strict, return_config,
+                                    save_restore_connector or UpcycleSaveRestoreConnector(), trainer,
+                                    validate_access_integrity)
+
+    @classmethod
+    def from_dense(cls, path: str | Path, recipe: UpcycleConfig, trainer: Trainer | None = None,
+                   overrides: dict[str, Any] | None = None) -> "MegatronUpcycledGPTModel":
+        """Restore a dense checkpoint and upcycle it in memory with `recipe` (= convert, then restore)."""
+        with open_checkpoint(path) as reader:
+            check_tensors(reader.tensors(), reader.config, str(path))
+            moe_cfg, state = upcycle_state_dict(reader.state_dict(), reader.config, recipe)
+            conf = model_config_for(moe_cfg, reader.source_config, reader.tokenizer)
+            if overrides:
+                conf = OmegaConf.merge(conf, OmegaConf.create(overrides))
+            model = cls.from_config_dict(config=conf, trainer=trainer)
+            model.tokenizer_spec = reader.tokenizer
+        model.load_canonical_state_dict(stack_experts(state))
+        return model
+
+    def load_checkpoint(self, reader: CheckpointReader, strict: bool = True) -> None:
+        """Weights from any checkpoint reader, after checking names and shapes against this model."""
+        if strict:
+            check_tensors(reader.tensors(), self.gpt_config, "the checkpoint")
+        self.load_canonical_state_dict(reader.state_dict())
+
+    def load_canonical_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.backend.load_canonical_state_dict(state)
+
+    def as_checkpoint(self) -> InMemoryCheckpoint:
+        """This model's weights, config and tokenizer as a checkpoint any writer can save."""
+        cfg = OmegaConf.to_container(self.cfg, resolve=True)
+        return InMemoryCheckpoint(self.gpt_config, self.backend.canonical_state_dict(), cfg,
+                                  self._packaged_tokenizer())
+
+    def _packaged_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer as .nemo artifacts: local file paths in the config become `nemo:<hex>_<name>`."""
+        if self.tokenizer_spec is not None:
+            return self.tokenizer_spec
+        tok = self.cfg.get("tokenizer")
+        if tok is None:
+            return None
+        config, artifacts = dict(OmegaConf.to_container(tok, resolve=True)), {}
+        for key, value in list(config.items()):
+            if key in ("model", "vocab_file", "merge_file") and isinstance(value, str) and Path(value).is_file():
+                name = f"{uuid.uuid4().hex}_{Path(value).name}"
+                artifacts[name] = Path(value).read_bytes()
+                config[key] = f"nemo:{name}"
+        self.tokenizer_spec = Tokenizer(config, artifacts)
+        return self.tokenizer_spec
+
+    @property
+    def tokenizer(self):
+        """The model's own tokenizer, loaded on first use."""
+        if self._tokenizer is None:
+            from nemo_upcycle.checkpoint import load_tokenizer_of
+
+            spec = self._packaged_tokenizer()
+            if spec is None:
+                raise UpcycleError("the model config has no tokenizer section: add model.tokenizer")
+            self._tokenizer = load_tokenizer_of(spec)
+        return self._tokenizer
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor):
+        return self.backend(tokens)
+
+    def _step(self, batch: dict[str, torch.Tensor]):
+        step = self.backend(batch["tokens"])
+        loss = lm_loss(step.logits, batch["labels"], batch.get("loss_mask"))
+        return loss, step
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, step = self._step(batch)
+        now = time.perf_counter()
+        metrics = {"lm_loss": loss.detach(), "aux_loss": step.aux_loss, "z_loss": step.z_loss}
+        if self._last_step_end is not None:
+            metrics["tokens_per_sec"] = batch["tokens"].numel() / max(now - self._last_step_end, 1e-9)
+        self._last_step_end = now
+        for i, counts in enumerate(step.tokens_per_expert):
+            fractions = counts.float() / counts.sum().clamp(min=1)
+            metrics.update({f"expert_load/layer{i}/expert{e}": f for e, f in enumerate(fractions.tolist())})
+        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=batch["tokens"].shape[0])
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=batch["tokens"].shape[0])
+        self.last_expert_load = [c.detach().float().cpu() for c in step.tokens_per_expert]
+        return loss + step.objective
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._step(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["tokens"].shape[0])
+        return loss
+
+    def setup_optimizer_param_groups(self) -> None:
+        """No weight decay on norms and biases (Megatron's default)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        self._optimizer_param_groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # ---- data ----------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.cfg.get("data") is not None and self._train_dl is None:
+            self.setup_training_data(self.cfg.data)
+            self.setup_validation_data(self.cfg.data)
+
+    def _datasets(self, data_cfg: DictConfig):
+        from nemo_upcycle.data.datasets import build_gpt_datasets
+
+        if getattr(self, "_splits", None) is None:
+            trainer = self._trainer
+            gbs = int(self.cfg.global_batch_size)
+            steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else data_cfg.get("steps", 100)
+            val_batches = int(trainer.limit_val_batches) if trainer is not None and \
+                isinstance(trainer.limit_val_batches, int) else data_cfg.get("val_batches", 10)
+            evals = steps // max(int(trainer.val_check_interval), 1) + 1 if trainer is not None and \
+                isinstance(trainer.val_check_interval, int) else 1
+            self._splits = build_gpt_datasets(
+                list(data_cfg.data_prefix), self.tokenizer, self.gpt_config.seq_length,
+                split=data_cfg.get("splits_string", "949,50,1"),
+                num_samples=(steps * gbs, evals * val_batches * int(self.cfg.micro_batch_size), 0),
+                seed=int(data_cfg.get("seed", 1234)), cache_dir=data_cfg.get("index_cache_dir"),
+            )
+        return self._splits
+
+    def _loader(self, dataset, shuffle: bool):
+        if dataset is None:
+            return None
+        return torch.utils.data.DataLoader(dataset, batch_size=int(self.cfg.micro_batch_size), shuffle=shuffle,
+                                           num_workers=int(self.cfg.data.get("num_workers", 0)), drop_last=True)
+
+    def setup_training_data(self, train_data_config: DictConfig) -> None:
+        self._train_dl = self._loader(self._datasets(train_data_config).train, shuffle=False)
+
+    def setup_validation_data(self, val_data_config: DictConfig) -> None:
+        self._validation_dl = self._loader(self._datasets(val_data_config).valid, shuffle=False)
+
+    @classmethod
+    def list_available_models(cls) -> list:
+        return []
+
+
+def set_training_fields(cfg: DictConfig, **fields: Any) -> DictConfig:
+    """Set top-level fields on a (struct) model config."""
+    with open_dict(cfg):
+        for k, v in fields.items():
+            cfg[k] = v
+    return cfg

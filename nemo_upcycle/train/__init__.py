@@ -1,0 +1,1 @@
+"""Continued training: the Lightning/NeMo run (run.py) and MoE monitoring callbacks (callbacks.py)."""

@@ -1,0 +1,135 @@
+"""`nemo-upcycle train`: continued training with Lightning, NeMo's exp_manager and optimizers, from conf/train.yaml.
+
+    nemo-upcycle train restore_from=moe.nemo data.data_prefix=[data/stdlib_text_document] trainer.max_steps=200
+    nemo-upcycle train restore_from=dense.nemo +upcycle.shorthand=E8G8T8     # upcycle in memory, then train
+    nemo-upcycle train model=tiny_cpu data.data_prefix=[...]                 # from scratch (the dense baseline)
+
+Arguments are Hydra overrides of conf/train.yaml (groups: model, data, trainer, optim). Logs, TensorBoard and
+checkpoints go to <exp_manager.exp_dir>/<name>/ (resumed automatically when present); the trained model is saved
+as a .nemo and the expert load over training as expert_load.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_upcycle.errors import UpcycleError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+TRAINING_FIELDS = ("backend", "micro_batch_size", "global_batch_size")
+
+
+@dataclass
+class TrainResult:
+    model: Any  # the trained MegatronUpcycledGPTModel
+    exp_dir: Path
+    nemo_path: Path
+    steps: int
+    seconds: float
+    metrics: dict[str, float]
+    expert_load_png: Path | None
+
+
+def load_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """conf/<config_name>.yaml with Hydra overrides applied (what `nemo-upcycle train` and tests use)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def _model_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """What the run config sets on top of any checkpoint's own model config."""
+    out = {k: cfg[k] for k in TRAINING_FIELDS}
+    out["data"] = OmegaConf.to_container(cfg.data, resolve=True)
+    out["optim"] = OmegaConf.to_container(cfg.optim, resolve=True)
+    return out
+
+
+def build_model(cfg: DictConfig, trainer=None):
+    """The model to train: restored (optionally upcycled in memory) or new from the `model` group."""
+    from nemo_upcycle.models.nemo_model import MegatronUpcycledGPTModel, padded_vocab_size
+    from nemo_upcycle.recipe import UpcycleConfig
+
+    overrides = _model_overrides(cfg)
+    if cfg.restore_from:
+        if cfg.get("upcycle"):
+            recipe = UpcycleConfig.from_dict(OmegaConf.to_container(cfg.upcycle, resolve=True))
+            return MegatronUpcycledGPTModel.from_dense(cfg.restore_from, recipe, trainer, overrides)
+        return MegatronUpcycledGPTModel.restore_from(cfg.restore_from, override_config_path=OmegaConf.create(overrides),
+                                                     trainer=trainer)
+    if cfg.get("upcycle"):
+        raise UpcycleError("upcycle=... needs restore_from=<dense checkpoint>")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.update(overrides)
+    if not model_cfg.get("vocab_size"):
+        from nemo_upcycle.data.tokenizers import load_tokenizer
+
+        vocab = load_tokenizer(model_cfg["tokenizer"]).vocab_size
+        model_cfg["vocab_size"] = padded_vocab_size(vocab, model_cfg.get("make_vocab_size_divisible_by", 128))
+    return MegatronUpcycledGPTModel(cfg=OmegaConf.create(model_cfg), trainer=trainer)
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    import lightning.pytorch as pl
+    from nemo.utils.exp_manager import exp_manager
+
+    from nemo_upcycle.train.callbacks import ExpertLoadMonitor
+
+    if cfg.global_batch_size % cfg.micro_batch_size:
+        raise UpcycleError(f"global_batch_size {cfg.global_batch_size} is not a multiple of micro_batch_size "
+                           f"{cfg.micro_batch_size}")
+    pl.seed_everything(cfg.seed, workers=True)
+    monitor = ExpertLoadMonitor()
+    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[monitor],
+                         accumulate_grad_batches=cfg.global_batch_size // cfg.micro_batch_size)
+    em = OmegaConf.to_container(cfg.exp_manager, resolve=True)
+    em.setdefault("name", cfg.name)
+    exp_dir = Path(exp_manager(trainer, OmegaConf.create(em)))
+    if cfg.expert_load_plot:
+        monitor.path = exp_dir / "expert_load.png"
+    model = build_model(cfg, trainer)
+    start = time.perf_counter()
+    trainer.fit(model)
+    seconds = time.perf_counter() - start
+    nemo_path = Path(cfg.save_nemo) if cfg.save_nemo else exp_dir / f"{cfg.name}.nemo"
+    model.save_to(str(nemo_path))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    result = TrainResult(model, exp_dir, nemo_path, trainer.global_step, seconds, metrics,
+                         monitor.path if monitor.path is not None and monitor.path.exists() else None)
+    (exp_dir / "train_summary.json").write_text(json.dumps(
+        {"steps": result.steps, "seconds": seconds, "nemo": str(nemo_path), "metrics": metrics}, indent=2))
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="Hydra overrides of conf/train.yaml, e.g. restore_from=moe.nemo trainer.max_steps=200 "
+                             "data.data_prefix=[data/stdlib_text_document] backend=megatron optim.lr=1e-4 "
+                             "+upcycle.shorthand=E8G8T8 (upcycle a dense restore_from in memory first)")
+    parser.add_argument("--config-name", default="train", help="config in conf/ to start from (default: train)")
+    parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.overrides, args.config_name)
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    result = train(cfg)
+    from nemo_upcycle.report import markdown_table
+
+    rows = [["steps", result.steps], ["seconds", f"{result.seconds:.1f}"], ["model", str(result.nemo_path)],
+            ["logs", str(result.exp_dir)]]
+    rows += [[k, f"{v:.4f}"] for k, v in sorted(result.metrics.items()) if not k.startswith("expert_load/")]
+    if result.expert_load_png:
+        rows.append(["expert load plot", str(result.expert_load_png)])
+    print(markdown_table(["", "value"], rows))
+    return 0
