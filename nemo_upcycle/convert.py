@@ -19,8 +19,9 @@ import torch
 import yaml
 
 from nemo_upcycle.checkpoint import (
-    INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, TensorInfo, make_writer, open_checkpoint)
+    INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, TensorInfo, check_output_format, make_writer, open_checkpoint)
 from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path
+from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index, stack_experts
@@ -64,7 +65,7 @@ def check_tensors(given: dict[str, TensorInfo], cfg: GPTConfig, where: str) -> N
 class Plan:
     dense: GPTConfig
     moe: GPTConfig
-    recipe: UpcycleConfig
+    recipe: UpcycleConfig | None  # None: a format conversion, the checkpoint as it is (dense or MoE)
     inputs: dict[str, TensorInfo]
     outputs: dict[str, TensorInfo]  # canonical names in model order (what the writer will fetch)
 
@@ -81,10 +82,15 @@ class Plan:
         return sum(int(torch.Size(t.shape).numel()) for t in infos.values())
 
 
-def plan_conversion(reader: CheckpointReader, recipe: UpcycleConfig, where: str = "the input") -> Plan:
+def plan_conversion(reader: CheckpointReader, recipe: UpcycleConfig | None, where: str = "the input") -> Plan:
+    """The output tensors of upcycling `reader` with `recipe`; `recipe` None: of copying it unchanged (e.g. an
+    exported Hugging Face MoE back to .nemo for training)."""
     dense = reader.config
-    moe = moe_config(dense, recipe)  # raises for MoE inputs and invalid recipes
     inputs = reader.tensors()
+    if recipe is None:
+        check_tensors(inputs, dense, where)
+        return Plan(dense, dense, None, dict(inputs), dict(inputs))
+    moe = moe_config(dense, recipe)  # raises for MoE inputs and invalid recipes
     check_tensors(inputs, dense, where)
     outputs = {}
     for name, shape in expected_shapes(moe).items():
@@ -119,7 +125,7 @@ class LayerStream:
         self.cache.clear()
         prefix = f"decoder.layers.{i}."
         tensors = self.reader.read(self.reader.layer_names(i))
-        if self.pattern[i]:
+        if self.pattern[i] and self.plan.recipe is not None:
             mlp = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k[len(prefix):] in DENSE_MLP_KEYS}
             new = upcycle_layer_mlp(mlp, self.plan.dense, self.plan.recipe, i)
             tensors.update({prefix + k: v for k, v in new.items()})
@@ -139,9 +145,11 @@ class Summary:
 
     def table(self) -> str:
         p = self.plan
+        recipe = "none (format conversion)" if p.recipe is None else (
+            f"{p.recipe.name} {p.recipe.router}{' + shared expert' if p.recipe.shared_expert else ''} "
+            f"(scaling {p.recipe.scaling_method}, s={p.recipe.scale_factor():g})")
         rows = [
-            ["recipe", f"{p.recipe.name} {p.recipe.router} (scaling {p.recipe.scaling_method}, "
-                       f"s={p.recipe.scale_factor():g})"],
+            ["recipe", recipe],
             ["parameters in -> out", f"{human_count(Plan.params(p.inputs))} -> {human_count(Plan.params(p.outputs))}"],
             ["active parameters out", human_count(p.moe.num_parameters(active=True))],
             ["bytes in -> out", f"{p.bytes_in / 1e9:.3f} GB -> {p.bytes_out / 1e9:.3f} GB"],
@@ -167,12 +175,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
-def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConfig, output_format: str = "nemo",
-            input_format: str = "auto", pack: bool = True, overwrite: bool = False,
+def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConfig | None,
+            output_format: str = "nemo", input_format: str = "auto", pack: bool = True, overwrite: bool = False,
             model_config: dict[str, Any] | None = None, verify_layers: int | None = None,
-            progress: bool = True) -> Summary:
-    """Upcycle `input_path` into `output_path`. `verify_layers`: after writing, compare that many leading
-    layers (0 = all) of input and output with the reference model; None skips verification."""
+            progress: bool = True, hf_arch: str | None = None, max_shard_size: str | int | None = None) -> Summary:
+    """Upcycle `input_path` into `output_path` (`recipe` None: convert the format only). `verify_layers`: after
+    writing, compare that many leading layers (0 = all) of input and output with the reference model and check
+    every expert tensor's checksum against the recipe (written to `<output>.checksums.json`); None skips it.
+    `hf_arch`, `max_shard_size`: the architecture and shard size of a Hugging Face output (`output_format` hf)."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -180,7 +190,8 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
     check_output_path(output_path, overwrite)
     with open_checkpoint(input_path, input_format, model_config) as reader:
         plan = plan_conversion(reader, recipe, str(input_path))
-        writer = make_writer(output_format, output_path, overwrite, pack)
+        check_output_format(output_format, plan.moe, hf_arch)
+        writer = make_writer(output_format, output_path, overwrite, pack, hf_arch, max_shard_size)
         check_free_disk(output_path, plan.bytes_out + writer.overhead_bytes(plan.outputs))
         bar = tqdm(total=plan.dense.num_layers, unit="layer", desc="upcycling", disable=not progress)
         stream = LayerStream(reader, plan, bar)
@@ -189,10 +200,25 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
         seconds = time.perf_counter() - start
         summary = Summary(plan, seconds, peak_rss_bytes(), output_path)
         if verify_layers is not None:
-            from nemo_upcycle.verify import verify_conversion
-
-            summary.verify = verify_conversion(reader, open_checkpoint(output_path), recipe, verify_layers)
+            summary.verify = _verify(reader, output_path, recipe, verify_layers)
     return summary
+
+
+def _verify(reader: CheckpointReader, output_path: Path, recipe: UpcycleConfig | None,
+            layers: int) -> dict[str, Any]:
+    if recipe is None:
+        return {"status": "not checked (format conversion, no recipe to check against)"}
+    import json
+
+    from nemo_upcycle.verify import verify_conversion
+
+    with open_checkpoint(output_path) as written:
+        result = verify_conversion(reader, written, recipe, layers)
+    checksums = result.pop("checksums")
+    sidecar = output_path.with_name(output_path.name + ".checksums.json")
+    sidecar.write_text(json.dumps(checksums, indent=1) + "\n")
+    result["expert checksums file"] = str(sidecar)
+    return result
 
 
 def _model_config(path: Path | str | None) -> dict[str, Any] | None:
@@ -208,14 +234,27 @@ def convert_from_config(cfg: dict[str, Any]) -> Summary:
     for key in ("input", "output"):
         if cfg.get(key) in (None, "???"):
             raise UpcycleError(f"set {key}=... (the {key} checkpoint path)")
-    return convert(cfg["input"], cfg["output"], UpcycleConfig.from_dict(cfg.get("recipe", {})),
+    recipe = cfg.get("recipe", {})
+    return convert(cfg["input"], cfg["output"], None if recipe is None else UpcycleConfig.from_dict(recipe),
                    cfg.get("output_format", "nemo"), cfg.get("input_format", "auto"), cfg.get("pack", True),
-                   cfg.get("overwrite", False), _model_config(cfg.get("model_config")), cfg.get("verify"))
+                   cfg.get("overwrite", False), _model_config(cfg.get("model_config")), cfg.get("verify"),
+                   hf_arch=cfg.get("hf_arch"), max_shard_size=cfg.get("max_shard_size"))
 
 
 # ---- command line -------------------------------------------------------------------------------------------
 
-def recipe_from_args(args: argparse.Namespace) -> UpcycleConfig:
+_RECIPE_OPTIONS = ("expansion", "granularity", "topk", "num_experts", "router", "scaling_method", "router_init",
+                   "router_init_std", "seed", "layer_freq", "drop_ratio", "aux_loss_coeff", "z_loss_coeff",
+                   "topk_scaling_factor", "layers", "weight_scaling")
+
+
+def recipe_from_args(args: argparse.Namespace) -> UpcycleConfig | None:
+    if args.recipe == "none":
+        given = [k for k in _RECIPE_OPTIONS if getattr(args, k) is not None]
+        given += ["shared_expert"] if args.shared_expert else []
+        if given:
+            raise UpcycleError(f"--recipe none converts the format only: drop --{given[0].replace('_', '-')}")
+        return None
     values: dict[str, Any] = {}
     if args.recipe:
         e, g, t = _shorthand(args.recipe)
@@ -237,6 +276,8 @@ def recipe_from_args(args: argparse.Namespace) -> UpcycleConfig:
     if args.weight_scaling is not None:
         ws = args.weight_scaling
         values["weight_scaling"] = ws if ws in ("auto", "off") else _float(ws, "--weight-scaling")
+    if args.shared_expert:
+        values["shared_expert"] = True
     return UpcycleConfig(**values)
 
 
@@ -258,7 +299,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="where to write the upcycled checkpoint (must not exist unless --overwrite)")
     r = p.add_argument_group("recipe (the paper's notation: E expansion, G granularity, T top-k)")
     r.add_argument("--recipe", help="shorthand E<E>G<G>T<T>, e.g. E8G8T8 (64 experts of 1/8 size, top-8) "
-                                    "or E8G1T2 (8 full-size experts, top-2); default E8G1T2")
+                                    "or E8G1T2 (8 full-size experts, top-2); default E8G1T2; 'none': convert the "
+                                    "format only (e.g. an exported Hugging Face MoE back to .nemo)")
     r.add_argument("--expansion", type=int, help="E: MoE MLP parameters / dense MLP parameters")
     r.add_argument("--granularity", type=int, help="G: dense ffn_hidden_size / expert ffn_hidden_size")
     r.add_argument("--topk", type=int, help="T: experts per token")
@@ -280,10 +322,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                         "(default 1e-2)")
     r.add_argument("--z-loss-coeff", type=float, help="router z-loss coefficient (default none)")
     r.add_argument("--topk-scaling-factor", type=float, help="Megatron's moe_router_topk_scaling_factor")
+    r.add_argument("--shared-expert", action="store_true",
+                   help="Qwen-MoE style: keep the dense MLP whole as a shared expert (zero-initialised sigmoid gate, "
+                        "1/2 at step 0) with the routed experts scaled to the other half")
     o = p.add_argument_group("input and output")
     o.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="nemo",
                    help="nemo: .nemo for NeMo (default); megatron: torch_dist directory for Megatron-LM / "
-                        "Megatron-Bridge, with megatron_args.txt")
+                        "Megatron-Bridge, with megatron_args.txt; hf: Hugging Face MoE folder (transformers, "
+                        "vLLM, SGLang), with --hf-arch")
+    o.add_argument("--hf-arch", choices=HF_ARCHS,
+                   help="Hugging Face MoE architecture for --format hf: mixtral (topK-then-softmax only), "
+                        "qwen2_moe (either router, shared expert, q/k/v biases), qwen3_moe (qk-norm models)")
+    o.add_argument("--max-shard-size", default=None,
+                   help="largest safetensors shard for --format hf, e.g. 5GB (default), 500MB, 2GiB")
     o.add_argument("--input-format", choices=INPUT_FORMATS, default="auto", help="default: detected")
     o.add_argument("--no-pack", dest="pack", action="store_false",
                    help="write the .nemo as a directory instead of a tar")
@@ -293,7 +344,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--dry-run", action="store_true", help="print the plan (tensors, shapes, sizes); write nothing")
     o.add_argument("--verify", nargs="?", const=0, type=int, metavar="LAYERS",
                    help="after writing, run input and output through the reference model (all layers, or the "
-                        "first LAYERS) and check the step-0 output against the recipe's guarantee")
+                        "first LAYERS) and check the step-0 output against the recipe's guarantee; hash every "
+                        "expert tensor against the recipe (written to OUTPUT.checksums.json)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -303,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         with open_checkpoint(args.input, args.input_format, model_config) as reader:
             plan = plan_conversion(reader, recipe, str(args.input))
+            check_output_format(args.output_format, plan.moe, args.hf_arch)
         rows = [[n, "x".join(map(str, t.shape)), str(t.dtype).replace("torch.", ""), f"{t.nbytes / 1e6:.2f}"]
                 for n, t in plan.outputs.items()]
         print(markdown_table(["tensor", "shape", "dtype", "MB"], rows))
@@ -310,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
               f"{plan.bytes_out / 1e9:.3f} GB to write as {args.output_format} to {args.output}")
         return 0
     summary = convert(args.input, args.output, recipe, args.output_format, args.input_format, args.pack,
-                      args.overwrite, model_config, args.verify, progress=not args.quiet)
+                      args.overwrite, model_config, args.verify, progress=not args.quiet, hf_arch=args.hf_arch,
+                      max_shard_size=args.max_shard_size)
     print(summary.table())
     if summary.verify and summary.verify.get("status") == "FAILED":
         return 1

@@ -1,4 +1,12 @@
-"""Step-0 verification of an upcycled checkpoint against its dense source, with the reference model.
+"""Step-0 verification of an upcycled checkpoint against its dense source: per-expert checksums, and the
+reference model's output.
+
+Checksums: every expert tensor of every MoE layer (and each layer's router and shared expert) is recomputed
+from the dense source with the recipe (expert k = dense shard k mod G, times the scaling factors; Drop-Upcycling
+and router rows redrawn from the same seeds) and hashed, and so is the tensor read back from the output through
+its reader, whatever its layout (torch_dist stacked or per layer, legacy shards, Hugging Face per-expert
+tensors). A lost, duplicated, mis-ordered or mis-scaled expert is named, e.g. "layer 3 expert 5
+linear_fc2.weight: expected dense shard 1 x 2, found expert 4's tensor (duplicated or mis-ordered?)".
 
 The recipe's guarantee, checked per MoE layer on the dense model's own hidden states: with virtual-group
 routers every token selects whole copies of the dense MLP, so
@@ -13,6 +21,7 @@ conversions are reported without a pass/fail verdict. Logit differences and loss
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -22,7 +31,8 @@ from nemo_upcycle.checkpoint.base import CheckpointReader
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index, unstack_experts
 from nemo_upcycle.models.reference import GPTModel, MoELayer, lm_loss
-from nemo_upcycle.recipe import UpcycleConfig, scaling_factors
+from nemo_upcycle.recipe import UpcycleConfig, scaling_factors, upcycle_layer_mlp
+from nemo_upcycle.recipe.state_dict import DENSE_MLP_KEYS
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -73,16 +83,114 @@ def verify_conversion(dense_reader: CheckpointReader, moe_reader: CheckpointRead
         x = captured[i]
         got = layer.mlp(x)
         weight_sum = layer.mlp.last_routing.weights.sum(-1).reshape(*x.shape[:-1], 1).float()
-        want = recipe.scale_factor() / recipe.granularity * weight_sum * dense.decoder.layers[i].mlp(x)
+        shared = 0.5 if recipe.shared_expert else 0.0  # the dense MLP behind a zero sigmoid gate
+        want = (recipe.scale_factor() / recipe.granularity * weight_sum + shared) * dense.decoder.layers[i].mlp(x)
         worst = max(worst, ((got - want).norm() / want.norm().clamp(min=1e-12)).item())
     tol = TOLERANCE.get(dtype, 1e-4)
     guaranteed = identity_holds(recipe, dense_reader.config.activation)
-    status = ("PASSED" if worst <= tol else "FAILED") if guaranteed else "not checked (no exact guarantee)"
+    checksums = expert_checksums(dense_reader, moe_reader, recipe)
+    bad = [c["problem"] for c in checksums if c["problem"]]
+    if bad:
+        status = "FAILED"
+    elif guaranteed:
+        status = "PASSED" if worst <= tol else "FAILED"
+    else:
+        status = "not checked (no exact guarantee)"
     return {
         "layers compared": f"{n} of {dense_reader.config.num_layers}",
         "max rel. error of MoE layer vs recipe identity": f"{worst:.2e} (tolerance {tol:g})",
         "max abs logit diff": f"{(moe_logits - dense_logits).abs().max().item():.3e}",
         "loss dense / MoE (random tokens)": f"{lm_loss(dense_logits, tokens[:, 1:]).item():.4f} / "
                                             f"{lm_loss(moe_logits, tokens[:, 1:]).item():.4f}",
+        "expert checksums": (f"{len(bad)} of {len(checksums)} tensors differ from the recipe: " + "; ".join(bad[:3])
+                             if bad else f"all {len(checksums)} tensors match the recipe"),
         "status": status,
+        "checksums": checksums,
     }
+
+
+def sha256(t: torch.Tensor) -> str:
+    """Hash of a tensor's bytes (dtype and layout as stored: contiguous, native byte order)."""
+    return hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def _expected_text(key: str, expert: int | None, recipe: UpcycleConfig, activation: str) -> str:
+    """What the recipe puts in one tensor, in words: "dense shard 1 x 2" or "dense shard 0 (gate x1, up x1.41)"."""
+    f = scaling_factors(recipe, get_activation(activation))
+    drop = f", {recipe.drop_ratio:g} of its neurons re-drawn (seed {recipe.seed})" if recipe.drop_ratio else ""
+    shard = f"dense shard {expert % recipe.granularity}" if expert is not None else ""
+    if key.startswith("mlp.experts.linear_fc1."):
+        gated = get_activation(activation).gated
+        return (f"{shard} (gate x{f.gate:.4g}, up x{f.fc1:.4g})" if gated else f"{shard} x{f.fc1:.4g}") + drop
+    if key == "mlp.experts.linear_fc2.weight":
+        return f"{shard} x{f.fc2:.4g}{drop}"
+    if key == "mlp.experts.linear_fc2.bias":
+        return f"dense fc2 bias x{f.fc2_bias:.4g}"
+    if key == "mlp.router.weight":
+        return f"{recipe.router_init.replace('_', '-')} router rows (seed {recipe.seed})"
+    if key.startswith("mlp.shared_experts.linear_fc"):
+        return "the dense MLP, unchanged"
+    return "zeros"  # router bias, shared-expert gate
+
+
+def _found_text(got: torch.Tensor, expected: list[torch.Tensor], hashes: list[str], e: int | None,
+                granularity: int) -> str:
+    """What a mismatching tensor is instead: another expert's, a rescaled copy, or nothing the recipe makes."""
+    h = sha256(got)
+    others = [j for j, other in enumerate(hashes) if other == h and j != e]
+    if len(others) == 1:
+        return f"the tensor of expert {others[0]} (duplicated or mis-ordered?)"
+    if others:  # identical copies of one shard (no Drop-Upcycling)
+        return (f"the tensor of experts {', '.join(map(str, others))} (dense shard {others[0] % granularity}; "
+                "duplicated or mis-ordered?)")
+    if not got.any():
+        return "zeros (a lost expert?)"
+    want = expected[0 if e is None else e].to(got.dtype).float()
+    ratio = (got.float() * want).sum() / (want * want).sum().clamp(min=1e-30)
+    if torch.allclose(got.float(), ratio * want, rtol=1e-3, atol=1e-6 * want.abs().max().item()):
+        return f"the right shard scaled by {ratio.item():.4g} (mis-scaled?)"
+    return f"a tensor the recipe does not make (sha256 {h[:12]})"
+
+
+@torch.no_grad()
+def expert_checksums(dense_reader: CheckpointReader, moe_reader: CheckpointReader,
+                     recipe: UpcycleConfig) -> list[dict[str, Any]]:
+    """Per MoE layer: every expert tensor, the router and the shared expert, recomputed from the dense source
+    and hashed, against the output's; one record per tensor (per expert), with `problem` set on a mismatch."""
+    dense_cfg = dense_reader.config
+    written = moe_reader.tensors()
+    records: list[dict[str, Any]] = []
+    for i, moe in enumerate(recipe.moe_layer_pattern(dense_cfg.num_layers)):
+        if not moe:
+            continue
+        prefix = f"decoder.layers.{i}."
+        mlp_names = [prefix + k for k in DENSE_MLP_KEYS if prefix + k in dense_reader.tensors()]
+        mlp = {k[len(prefix):]: v for k, v in dense_reader.read(mlp_names).items()}
+        expected = upcycle_layer_mlp(mlp, dense_cfg, recipe, i)
+        present = [prefix + k for k in expected if prefix + k in written]
+        found = {k[len(prefix):]: v for k, v in moe_reader.read(present).items()}
+        for key, want in expected.items():
+            per_expert = key.startswith("mlp.experts.")
+            got = found.get(key)
+            wants = list(want.unbind(0)) if per_expert else [want]
+            gots = [] if got is None else (list(got.unbind(0)) if per_expert else [got])
+            hashes = [sha256(w.to(gots[0].dtype if gots else w.dtype)) for w in wants]
+            for e in range(max(len(wants), len(gots))):
+                expert = e if per_expert else None
+                where = f"layer {i}" + (f" expert {e}" if per_expert else "") + f" {key.removeprefix('mlp.experts.')}"
+                expected_text = _expected_text(key, expert, recipe, dense_cfg.activation) if e < len(wants) else None
+                record = {"layer": i, "expert": expert, "tensor": key, "expected": expected_text,
+                          "expected_sha256": hashes[e] if e < len(wants) else None,
+                          "found_sha256": sha256(gots[e]) if e < len(gots) else None, "problem": None}
+                if e >= len(gots):
+                    record["problem"] = f"{where}: missing from the output"
+                elif e >= len(wants):
+                    record["problem"] = f"{where}: an expert the recipe does not make ({len(wants)} experts expected)"
+                elif gots[e].shape != wants[e].shape:
+                    record["problem"] = (f"{where}: shape {tuple(gots[e].shape)}, the recipe makes "
+                                         f"{tuple(wants[e].shape)}")
+                elif record["found_sha256"] != record["expected_sha256"]:
+                    found_text = _found_text(gots[e], wants, hashes, expert, recipe.granularity)
+                    record["problem"] = f"{where}: expected {record['expected']}, found {found_text}"
+                records.append(record)
+    return records

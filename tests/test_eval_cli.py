@@ -81,7 +81,7 @@ def test_eval_of_converted_checkpoints_end_to_end(megatron, tmp_path, capsys):
     convert(src, tmp_path / "moe.nemo", UpcycleConfig.from_shorthand("E2G1T2", router="topk_then_softmax"),
             progress=False)
     out = tmp_path / "eval_out"
-    assert main(["eval", str(src), str(tmp_path / "moe.nemo"), "--data-dir", str(ROOT / "tests/fixtures/mmlu_hendrycks"),
+    assert main(["eval", str(src), str(tmp_path / "moe.nemo"), "--data-dir", str(ROOT / "nemo_upcycle/demo_data/mmlu_sample"),
                  "--limit", "2", "--num-fewshot", "1", "--output-dir", str(out)]) == 0
     table = capsys.readouterr().out
     assert "dense.nemo" in table and "moe.nemo" in table

@@ -25,7 +25,7 @@ from nemo_upcycle.eval.runner import evaluate_models
 from tests.conftest import random_model, small_config
 
 TOK = ByteTokenizer()
-HENDRYCKS = Path(__file__).parent / "fixtures" / "mmlu_hendrycks"
+HENDRYCKS = Path(__file__).parent.parent / "nemo_upcycle" / "demo_data" / "mmlu_sample"
 # lm-eval's categories for the fixture's subjects (lm_eval/tasks/mmlu/default/mmlu_<subject>.yaml, `tag`)
 CATEGORY = {"abstract_algebra": "stem", "college_physics": "stem", "philosophy": "humanities",
             "sociology": "social_sciences", "marketing": "other"}

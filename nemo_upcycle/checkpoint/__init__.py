@@ -1,7 +1,8 @@
 """Checkpoint formats behind one reader/writer interface (see base.py).
 
 Readers: `.nemo` (tar or directory; torch_dist or legacy TP/PP layouts), Megatron-LM / Megatron-Bridge
-torch_dist directories, Hugging Face folders. Writers: `.nemo` (NeMo 1.x MegatronGPTModel), Megatron torch_dist.
+torch_dist directories, Hugging Face folders (Llama, Mistral, Qwen2, Qwen3, Nemotron; Mixtral, Qwen2-MoE,
+Qwen3-MoE). Writers: `.nemo` (NeMo 1.x MegatronGPTModel), Megatron torch_dist, Hugging Face MoE folders.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Any
 
 from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, TensorInfo, Tokenizer
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.models.config import GPTConfig
 
 INPUT_FORMATS = ("auto", "nemo", "megatron", "hf")
-OUTPUT_FORMATS = ("nemo", "megatron")
+OUTPUT_FORMATS = ("nemo", "megatron", "hf")
 
 
 def detect_format(path: Path) -> str:
@@ -53,7 +55,10 @@ def open_checkpoint(path: Path | str, input_format: str = "auto",
     raise UpcycleError(f"unknown input format '{input_format}': use one of {', '.join(INPUT_FORMATS)}")
 
 
-def make_writer(output_format: str, path: Path | str, overwrite: bool = False, pack: bool = True) -> CheckpointWriter:
+def make_writer(output_format: str, path: Path | str, overwrite: bool = False, pack: bool = True,
+                hf_arch: str | None = None, max_shard_size: str | int | None = None) -> CheckpointWriter:
+    """A writer for `output_format`; `hf_arch` (mixtral, qwen2_moe, qwen3_moe) and `max_shard_size` are for
+    Hugging Face folders."""
     if output_format == "nemo":
         from nemo_upcycle.checkpoint.nemo import NemoWriter
 
@@ -62,7 +67,32 @@ def make_writer(output_format: str, path: Path | str, overwrite: bool = False, p
         from nemo_upcycle.checkpoint.megatron import MegatronWriter
 
         return MegatronWriter(Path(path), overwrite)
+    if output_format == "hf":
+        from nemo_upcycle.checkpoint.hf_export import DEFAULT_MAX_SHARD_SIZE, HF_ARCHS, HFExportWriter
+
+        if hf_arch is None:
+            raise UpcycleError(f"--format hf needs --hf-arch: one of {', '.join(HF_ARCHS)}")
+        return HFExportWriter(Path(path), overwrite, hf_arch, max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     raise UpcycleError(f"unknown output format '{output_format}': use one of {', '.join(OUTPUT_FORMATS)}")
+
+
+def check_output_format(output_format: str, config: GPTConfig, hf_arch: str | None = None) -> None:
+    """Refuse, before any tensor is read, a model `output_format` cannot represent exactly (one-line errors)."""
+    if output_format == "hf":
+        from nemo_upcycle.models.hf import MOE_ARCHS, check_hf_target
+
+        if not hf_arch:
+            raise UpcycleError(f"--format hf needs --hf-arch: one of {', '.join(MOE_ARCHS)}")
+        check_hf_target(config, hf_arch)
+    elif output_format in ("nemo", "megatron"):
+        from nemo_upcycle.checkpoint.megatron import megatron_args
+        from nemo_upcycle.checkpoint.nemo_config import check_nemo_expressible, nemo_config_from_gpt
+
+        nemo_config_from_gpt(config)
+        if output_format == "nemo":
+            check_nemo_expressible(config)
+        else:
+            megatron_args(config)
 
 
 def load_tokenizer_of(source: CheckpointReader | Tokenizer | Path | str):
@@ -108,4 +138,4 @@ def load_model(path: Path | str, input_format: str = "auto", model_config: dict[
 
 
 __all__ = ["CheckpointReader", "CheckpointWriter", "TensorInfo", "Tokenizer", "open_checkpoint", "make_writer",
-           "detect_format", "load_model", "load_tokenizer_of"]
+           "check_output_format", "detect_format", "load_model", "load_tokenizer_of"]

@@ -1,7 +1,9 @@
 """Hugging Face checkpoint folders (config.json + safetensors), read lazily one layer at a time.
 
-Tensors come from `safetensors.safe_open` (memory-mapped, one tensor at a time); shapes are known from the
-headers before anything is read. Names are mapped to Megatron's by `nemo_upcycle.models.hf`.
+Dense Llama, Mistral, Qwen2, Qwen3 and Nemotron models, and the MoE Mixtral, Qwen2-MoE and Qwen3-MoE (experts
+one tensor each as `save_pretrained` writes them, or fused as transformers 5 holds them in memory). Tensors come
+from `safetensors.safe_open` (one tensor at a time); shapes are known from the headers before anything is read.
+Names and configs are mapped to Megatron's by `nemo_upcycle.models.hf`, one literal table per family.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models import hf as hf_names
 from nemo_upcycle.models.keys import layer_index
 
-SUPPORTED = {"nemotron": hf_names.gpt_config_from_nemotron_hf}
+# Files a Hugging Face export carries over from its source folder (tokenizer and generation defaults).
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+                 "chat_template.json", "generation_config.json")
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 class HFReader(CheckpointReader):
@@ -30,19 +36,24 @@ class HFReader(CheckpointReader):
         if not config_file.is_file():
             raise UpcycleError(f"{self.path} has no config.json: pass a Hugging Face model folder")
         self.source_config = json.loads(config_file.read_text())
-        model_type = self.source_config.get("model_type")
-        if model_type not in SUPPORTED:
-            raise UpcycleError(
-                f"unsupported Hugging Face model_type '{model_type}': supported are {', '.join(SUPPORTED)}"
-            )
+        self.family = self.source_config.get("model_type")
+        if self.family not in hf_names.FAMILIES:
+            raise UpcycleError(f"unsupported Hugging Face model_type '{self.family}': supported are "
+                               f"{', '.join(hf_names.FAMILIES)}")
         self._files = self._weight_files()
         # Files are opened for the duration of one read: a long-lived memory map would keep every layer
         # already converted in the resident set.
         self._open: dict[str, Any] = {f: safe_open(str(self.path / f), framework="pt") for f in set(self._files.values())}
+        if not self._has("model.embed_tokens.weight"):
+            raise UpcycleError(f"{self.path} has no model.embed_tokens.weight: is it a decoder-only language model?")
         vocab = self._meta("model.embed_tokens.weight").shape[0]
-        self.config = SUPPORTED[model_type]({**self.source_config, "vocab_size": vocab})
+        self.config = hf_names.gpt_config_from_hf({**self.source_config, "vocab_size": vocab})
+        self._ignored = self._noop_shared_experts()
+        if self.config.share_embeddings_and_output_weights and self._has("lm_head.weight"):
+            self._ignored.add("lm_head.weight")  # a copy of the tied embedding; transformers ignores it too
         self._infos = self._index()
         self.tokenizer = self._read_tokenizer()
+        self.carried_files = {n: self.path / n for n in CARRIED_FILES if (self.path / n).is_file()}
         self._open = {}
 
     def _weight_files(self) -> dict[str, str]:
@@ -68,24 +79,53 @@ class HFReader(CheckpointReader):
     def _meta(self, key: str) -> torch.Tensor:
         """A meta tensor with the stored shape and dtype (header only, no data read)."""
         sl = self._open[self._files[key]].get_slice(key)
-        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[sl.get_dtype()]
-        return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+        if sl.get_dtype() not in _DTYPES:
+            raise UpcycleError(f"tensor '{key}' in {self.path} has dtype {sl.get_dtype()}: only floating-point "
+                               f"({', '.join(_DTYPES)}) checkpoints are supported")
+        return torch.empty(sl.get_shape(), dtype=_DTYPES[sl.get_dtype()], device="meta")
 
-    def _layer(self, i: int, get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {f"decoder.layers.{i}.{k}": v for k, v in hf_names.layer_from_hf(get, self._has, i, self.config).items()}
+    def _noop_shared_experts(self) -> set[str]:
+        """Our Qwen2-MoE export writes "no shared expert" as an all-zero one (an exact no-op): read it back as
+        none, so a round trip returns the model it started from. Gates are checked first (a trained model's
+        non-zero gate ends the check before any large tensor is read)."""
+        cfg = self.config
+        if not cfg.moe_shared_expert_intermediate_size:
+            return set()
+        layers = [i for i, moe in enumerate(cfg.moe_layer_pattern()) if moe]
+        keys = [f"model.layers.{i}.mlp.shared_expert_gate.weight" for i in layers]
+        keys += [f"model.layers.{i}.mlp.shared_expert.{p}_proj.weight" for i in layers for p in ("gate", "up", "down")]
+        if not all(self._has(k) for k in keys) or any(self._get(k).any() for k in keys):
+            return set()
+        self.config = cfg.replace(moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False)
+        return set(keys)
+
+    def _layer(self, i: int, get: Callable[[str], torch.Tensor],
+               wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
+        prefix = f"decoder.layers.{i}."
+        only = None if wanted is None else {n[len(prefix):] for n in wanted if n.startswith(prefix)}
+        layer = hf_names.layer_from_hf(get, self._has, i, self.config, self.family, only)
+        return {prefix + k: v for k, v in layer.items()}
+
+    def _global_keys(self) -> dict[str, str]:
+        keys = {ours: theirs for ours, theirs in hf_names.GLOBAL_KEYS.items() if self._has(theirs)}
+        if self.config.share_embeddings_and_output_weights:
+            keys.pop("output_layer.weight", None)
+        return keys
 
     def _index(self) -> dict[str, TensorInfo]:
-        infos = {ours: _info(self._meta(theirs)) for ours, theirs in hf_names.GLOBAL_KEYS.items() if self._has(theirs)}
+        infos = {ours: _info(self._meta(theirs)) for ours, theirs in self._global_keys().items()}
+        used = set(self._global_keys().values()) | self._ignored
         for i in range(self.config.num_layers):
             infos.update({k: _info(v) for k, v in self._layer(i, self._meta).items()})
-        infos = model_order(infos)
-        unexpected = set(self._files) - _used_hf_keys(self.config, self._has)
+            for groups, _ in hf_names.layer_sources(self._has, i, self.config, self.family).values():
+                used.update(n for g in groups for n in g)
+        unexpected = set(self._files) - used
         if unexpected:
             raise UpcycleError(
                 f"{self.path} has tensors nemo-upcycle cannot map, e.g. {sorted(unexpected)[0]}: is it a "
-                f"{self.source_config.get('model_type')} model with a standard layout?"
+                f"{self.family} model with a standard layout?"
             )
-        return infos
+        return model_order(infos)
 
     def _read_tokenizer(self) -> Tokenizer | None:
         spm = self.path / "tokenizer.model"
@@ -114,22 +154,13 @@ class HFReader(CheckpointReader):
         out: dict[str, torch.Tensor] = {}
         wanted = set(names)
         for i in sorted({layer_index(n) for n in names if layer_index(n) is not None}):
-            out.update({k: v for k, v in self._layer(i, self._get).items() if k in wanted})
+            out.update(self._layer(i, self._get, wanted))
+        globals_ = self._global_keys()
         for n in names:
             if layer_index(n) is None:
-                out[n] = self._get(hf_names.GLOBAL_KEYS[n])
+                out[n] = self._get(globals_[n])
         return {n: out[n] for n in names}
 
 
 def _info(t: torch.Tensor) -> TensorInfo:
     return TensorInfo(tuple(t.shape), t.dtype)
-
-
-def _used_hf_keys(cfg, has: Callable[[str], bool]) -> set[str]:
-    used = {k for k in hf_names.GLOBAL_KEYS.values() if has(k)}
-    for i in range(cfg.num_layers):
-        prefix = f"model.layers.{i}."
-        used |= {prefix + k for k in hf_names.NEMOTRON_LAYER_KEYS.values() if has(prefix + k)}
-        used |= {f"{prefix}self_attn.{p}.{kind}" for p in ("q_proj", "k_proj", "v_proj") for kind in ("weight", "bias")
-                 if has(f"{prefix}self_attn.{p}.{kind}")}
-    return used

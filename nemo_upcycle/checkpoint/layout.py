@@ -27,6 +27,7 @@ from nemo_upcycle.models.keys import local_to_te_key, te_to_local_key
 # Modules whose Megatron checkpoints carry an `_extra_state` object (Transformer Engine's FP8 metadata).
 _EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
                         "mlp.linear_fc2", "mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
+_SHARED_EXPERT_MODULES = ("mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")
 _STACKED_LAYER = re.compile(r"^(?P<prefix>.*?)decoder\.layers\.(?P<rest>[a-z_].*)$")
 _PER_LAYER = re.compile(r"^(?P<prefix>.*?)decoder\.layers\.(?P<i>\d+)\.(?P<rest>.*)$")
 
@@ -84,9 +85,11 @@ def extra_state_keys(cfg: GPTConfig, prefix: str) -> list[tuple[str, int]]:
     stacked, n_layers = layers_stacked(cfg), cfg.num_layers
     for i, moe in enumerate(cfg.moe_layer_pattern()):
         modules = _EXTRA_STATE_MODULES[:2] + (_EXTRA_STATE_MODULES[4:] if moe else _EXTRA_STATE_MODULES[2:4])
+        if moe and cfg.moe_shared_expert_intermediate_size:
+            modules += _SHARED_EXPERT_MODULES
         for module in modules:
             base = f"{prefix}decoder.layers.{module}" if stacked else f"{prefix}decoder.layers.{i}.{module}"
-            if "experts" in module:
+            if module.startswith("mlp.experts."):
                 n = cfg.num_moe_experts
                 for e in range(n):
                     where = f"{i}.{e}_{n_layers}.{n}" if stacked else f"{e}_{n}"

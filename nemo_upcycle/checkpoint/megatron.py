@@ -27,6 +27,7 @@ from nemo_upcycle.checkpoint.torch_dist import BytesItem, Chunk, DistCheckpointR
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index
+from nemo_upcycle.models.megatron import rope_arguments
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -96,11 +97,28 @@ def gpt_config_from_megatron_args(args: dict[str, Any], vocab_size: int) -> GPTC
         rotary_base=float(args.get("rotary_base", 10000)),
         share_embeddings_and_output_weights=not args.get("untie_embeddings_and_output_weights", False),
         init_method_std=args.get("init_method_std", 0.02),
+        **_rope_scaling_from_args(args),
         **({"num_moe_experts": args["num_experts"], "moe_ffn_hidden_size": args.get("moe_ffn_hidden_size"),
             "moe_router_topk": args.get("moe_router_topk", 2),
             "moe_router_pre_softmax": bool(args.get("moe_router_pre_softmax", False)),
-            "moe_layer_freq": args.get("moe_layer_freq", 1)} if args.get("num_experts") else {}),
+            "moe_layer_freq": args.get("moe_layer_freq", 1),
+            "moe_shared_expert_intermediate_size": args.get("moe_shared_expert_intermediate_size"),
+            "moe_shared_expert_gate": bool(args.get("moe_shared_expert_gate", False))}
+           if args.get("num_experts") else {}),
     )
+
+
+def _rope_scaling_from_args(args: dict[str, Any]) -> dict[str, Any]:
+    """Megatron-LM's --use-rope-scaling (Llama 3.1, low/high factors 1/4, original context 8192 fixed) and
+    --rotary-seq-len-interpolation-factor (linear)."""
+    if args.get("use_rope_scaling"):
+        return {"rope_scaling_type": "llama3", "rope_scaling_factor": float(args.get("rope_scaling_factor") or 8.0),
+                "rope_original_max_position_embeddings": 8192, "rope_low_freq_factor": 1.0,
+                "rope_high_freq_factor": 4.0}
+    if args.get("rotary_seq_len_interpolation_factor"):
+        return {"rope_scaling_type": "linear",
+                "rope_scaling_factor": float(args["rotary_seq_len_interpolation_factor"])}
+    return {}
 
 
 def gpt_config_from_transformer_config(model: dict[str, Any], vocab_size: int) -> GPTConfig:
@@ -229,6 +247,15 @@ def megatron_args(cfg: GPTConfig) -> list[str]:
         flags.append("--qk-layernorm")
     if not cfg.share_embeddings_and_output_weights:
         flags.append("--untie-embeddings-and-output-weights")
+    rope = rope_arguments(cfg)
+    if rope.get("rope_scaling"):
+        flags += ["--use-rope-scaling", f"--rope-scaling-factor {rope['rope_scaling_factor']:g}"]
+    if "seq_len_interpolation_factor" in rope:
+        factor = rope["seq_len_interpolation_factor"]
+        if factor != int(factor):
+            raise UpcycleError(f"Megatron-LM takes an integer --rotary-seq-len-interpolation-factor, this model's "
+                               f"linear RoPE factor is {factor:g}: write --format nemo or --format hf instead")
+        flags.append(f"--rotary-seq-len-interpolation-factor {int(factor)}")
     if cfg.is_moe:
         flags += [
             f"--num-experts {cfg.num_moe_experts}", f"--moe-ffn-hidden-size {cfg.expert_ffn_hidden_size}",
@@ -242,6 +269,10 @@ def megatron_args(cfg: GPTConfig) -> list[str]:
             flags.append(f"--moe-z-loss-coeff {cfg.moe_z_loss_coeff}")
         if cfg.moe_router_topk_scaling_factor:
             flags.append(f"--moe-router-topk-scaling-factor {cfg.moe_router_topk_scaling_factor}")
+        if cfg.moe_shared_expert_intermediate_size:
+            flags.append(f"--moe-shared-expert-intermediate-size {cfg.moe_shared_expert_intermediate_size}")
+        if cfg.moe_shared_expert_gate:
+            flags.append("--moe-shared-expert-gate")
         if cfg.moe_layer_freq != 1:
             freq = cfg.moe_layer_freq
             pattern = str(freq) if isinstance(freq, int) else "'[" + ",".join(map(str, freq)) + "]'"

@@ -10,6 +10,7 @@ from typing import Any
 
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
+from nemo_upcycle.models.megatron import rope_arguments
 
 NEMO_GPT_TARGET = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"
 NEMO_ACTIVATIONS = {
@@ -53,7 +54,8 @@ def gpt_config_from_nemo(cfg: dict[str, Any], vocab_size: int) -> GPTConfig:
         moe = {k: cfg[k] for k in ("num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
                                    "moe_router_pre_softmax", "moe_router_score_function",
                                    "moe_router_topk_scaling_factor", "moe_aux_loss_coeff", "moe_z_loss_coeff",
-                                   "moe_layer_freq") if cfg.get(k) is not None}
+                                   "moe_layer_freq", "moe_shared_expert_intermediate_size",
+                                   "moe_shared_expert_gate") if cfg.get(k) is not None}
     bias = bool(cfg.get("bias", True))
     return GPTConfig(
         num_layers=cfg["num_layers"],
@@ -74,8 +76,21 @@ def gpt_config_from_nemo(cfg: dict[str, Any], vocab_size: int) -> GPTConfig:
         rotary_base=float(cfg.get("rotary_base", 10000)),
         share_embeddings_and_output_weights=bool(cfg.get("share_embeddings_and_output_weights", True)),
         init_method_std=cfg.get("init_method_std", 0.02),
+        **_rope_scaling_from_nemo(cfg),
         **moe,
     )
+
+
+def _rope_scaling_from_nemo(cfg: dict[str, Any]) -> dict[str, Any]:
+    """NeMo's seq_len_interpolation_factor (linear) and scale_positional_embedding (Llama 3.1 scaling, with
+    Megatron's fixed low/high frequency factors 1/4 and original context 8192; Megatron-Bridge: rope_scaling)."""
+    if cfg.get("scale_positional_embedding") or cfg.get("rope_scaling") is True:
+        return {"rope_scaling_type": "llama3", "rope_scaling_factor": float(cfg.get("rope_scaling_factor") or 8.0),
+                "rope_original_max_position_embeddings": 8192, "rope_low_freq_factor": 1.0,
+                "rope_high_freq_factor": 4.0}
+    if cfg.get("seq_len_interpolation_factor"):
+        return {"rope_scaling_type": "linear", "rope_scaling_factor": float(cfg["seq_len_interpolation_factor"])}
+    return {}
 
 
 def nemo_config_from_gpt(gpt: GPTConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -106,6 +121,13 @@ def nemo_config_from_gpt(gpt: GPTConfig, base: dict[str, Any] | None = None) -> 
         init_method_std=gpt.init_method_std,
     )
     cfg.pop("layernorm_zero_centered_gamma", None)  # expressed by normalization: layernorm1p
+    for key in ("seq_len_interpolation_factor", "scale_positional_embedding", "rope_scaling_factor"):
+        cfg.pop(key, None)
+    rope = rope_arguments(gpt)  # refuses RoPE scalings Megatron cannot express
+    if "seq_len_interpolation_factor" in rope:
+        cfg["seq_len_interpolation_factor"] = rope["seq_len_interpolation_factor"]
+    if rope.get("rope_scaling"):
+        cfg.update(scale_positional_embedding=True, rope_scaling_factor=rope["rope_scaling_factor"])
     if gpt.is_moe:
         cfg.update(
             num_moe_experts=gpt.num_moe_experts,
@@ -116,11 +138,23 @@ def nemo_config_from_gpt(gpt: GPTConfig, base: dict[str, Any] | None = None) -> 
             moe_aux_loss_coeff=gpt.moe_aux_loss_coeff,
             **MOE_TRAINING_DEFAULTS,
         )
-        for key in ("moe_z_loss_coeff", "moe_router_topk_scaling_factor"):
+        for key in ("moe_z_loss_coeff", "moe_router_topk_scaling_factor", "moe_shared_expert_intermediate_size"):
             if getattr(gpt, key) is not None:
                 cfg[key] = getattr(gpt, key)
+        if gpt.moe_shared_expert_gate:
+            cfg["moe_shared_expert_gate"] = True
         if gpt.moe_layer_freq != 1:
             cfg["moe_layer_freq"] = list(gpt.moe_layer_freq) if isinstance(gpt.moe_layer_freq, tuple) \
                 else gpt.moe_layer_freq
             cfg["name"] = "decoder_block_gpt"  # NeMo's spec name for mixed dense / MoE decoders
     return cfg
+
+
+def check_nemo_expressible(gpt: GPTConfig) -> None:
+    """What NeMo 1.x itself cannot hold beyond Megatron's limits: it applies Llama 3.1 RoPE scaling with its
+    factor fixed at 8 (`scale_positional_embedding`)."""
+    if gpt.rope_scaling_type == "llama3" and gpt.rope_scaling_factor != 8.0:
+        raise UpcycleError(
+            f"NeMo 1.x applies llama3 RoPE scaling with factor 8 only, this model has {gpt.rope_scaling_factor:g}: "
+            "write --format megatron or --format hf instead"
+        )

@@ -10,6 +10,8 @@ from nemo_upcycle.activations import get_activation
 from nemo_upcycle.errors import UpcycleError
 
 NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
+# RoPE frequency scalings, by Hugging Face's rope_type names (None: plain RoPE); see reference.rope_cos_sin.
+ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,15 @@ class GPTConfig:
     qk_layernorm: bool = False  # per-head norm of queries and keys before RoPE (Qwen3)
     rotary_percentage: float = 1.0  # fraction of each head's channels that RoPE rotates (Nemotron-4: 0.5)
     rotary_base: float = 10000.0
+    # RoPE scaling (Llama 3.1+ llama3, Qwen long-context yarn, linear position interpolation, dynamic NTK):
+    rope_scaling_type: str | None = None
+    rope_scaling_factor: float = 1.0
+    rope_original_max_position_embeddings: int | None = None  # llama3, yarn: the pretraining context length
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float | None = None  # yarn: multiplies cos and sin; None = 0.1 * ln(factor) + 1
     share_embeddings_and_output_weights: bool = False
     init_method_std: float = 0.02
     # ---- Mixture of Experts (num_moe_experts None = dense) ----
@@ -43,6 +54,10 @@ class GPTConfig:
     moe_aux_loss_coeff: float = 0.0
     moe_z_loss_coeff: float | None = None
     moe_layer_freq: int | tuple[int, ...] = 1  # every k-th layer is MoE, or a 0/1 pattern per layer
+    # A shared expert every token goes through beside the routed ones (Qwen-MoE; Megatron's shared_experts),
+    # optionally scaled by a sigmoid gate sigmoid(x . w) as Qwen2-MoE's shared_expert_gate.
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
@@ -69,6 +84,14 @@ class GPTConfig:
                 f"rotary_percentage {self.rotary_percentage} must give an even number of rotated channels "
                 f"out of head dim {self.head_dim}"
             )
+        if self.rope_scaling_type is not None:
+            if self.rope_scaling_type not in ROPE_SCALING_TYPES:
+                raise UpcycleError(f"unsupported RoPE scaling '{self.rope_scaling_type}': use one of "
+                                   f"{', '.join(ROPE_SCALING_TYPES)} (or none)")
+            if not self.rope_scaling_factor > 0:
+                raise UpcycleError(f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
+            if self.rope_scaling_type in ("llama3", "yarn") and not self.rope_original_max_position_embeddings:
+                raise UpcycleError(f"RoPE scaling {self.rope_scaling_type} needs rope_original_max_position_embeddings")
         if isinstance(self.moe_layer_freq, list):
             object.__setattr__(self, "moe_layer_freq", tuple(self.moe_layer_freq))
         if self.num_moe_experts is not None:
@@ -85,6 +108,9 @@ class GPTConfig:
                 raise UpcycleError(
                     f"moe_layer_freq lists {len(self.moe_layer_freq)} layers but the model has {self.num_layers}"
                 )
+            if self.moe_shared_expert_intermediate_size is not None and self.bias:
+                raise UpcycleError("shared experts need a model without linear biases (Megatron's shared experts "
+                                   "have none): drop the shared expert or use a bias-free model")
 
     # ---- derived -------------------------------------------------------------------------------------------
     @property
@@ -167,6 +193,8 @@ class GPTConfig:
             if is_moe:
                 n = self.moe_router_topk if active else self.num_moe_experts
                 total += n * mlp(self.expert_ffn_hidden_size) + self.num_moe_experts * (h + int(self.bias))
+                if self.moe_shared_expert_intermediate_size:
+                    total += mlp(self.moe_shared_expert_intermediate_size) + h * self.moe_shared_expert_gate
             else:
                 total += mlp(self.ffn_hidden_size)
         embeddings = self.vocab_size * h * (1 if self.share_embeddings_and_output_weights else 2)

@@ -74,9 +74,29 @@ def transformer_config(cfg: GPTConfig, use_te: bool = False, **overrides: Any):
             moe_router_dtype="fp32",  # the reference model routes in float32 too
             moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",  # alltoall needs CUDA streams
             moe_router_load_balancing_type="aux_loss",
+            moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=cfg.moe_shared_expert_gate,
         )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def rope_arguments(cfg: GPTConfig) -> dict[str, Any]:
+    """GPTModel's RoPE-scaling arguments for `cfg`. Megatron-core has linear interpolation
+    (seq_len_interpolation_factor) and Llama 3.1's scaling with low/high frequency factors 1/4 and an original
+    context of 8192 fixed (rope_scaling); anything else is refused rather than trained with other RoPE."""
+    kind = cfg.rope_scaling_type
+    if kind is None:
+        return {}
+    if kind == "linear":
+        return {"seq_len_interpolation_factor": cfg.rope_scaling_factor}
+    if kind == "llama3" and (cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                             cfg.rope_original_max_position_embeddings) == (1.0, 4.0, 8192):
+        return {"rope_scaling": True, "rope_scaling_factor": cfg.rope_scaling_factor}
+    raise UpcycleError(
+        f"Megatron-core cannot express RoPE scaling {kind} with these parameters (it has linear, and llama3 with "
+        "low/high frequency factors 1/4 and original context 8192): export to Hugging Face (--format hf) instead"
+    )
 
 
 def build_megatron_gpt(cfg: GPTConfig, use_te: bool | None = None, grouped_gemm: bool = False,
@@ -104,6 +124,7 @@ def build_megatron_gpt(cfg: GPTConfig, use_te: bool | None = None, grouped_gemm:
         rotary_percent=cfg.rotary_percentage,
         rotary_base=int(cfg.rotary_base),
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        **rope_arguments(cfg),
     )
 
 
@@ -179,6 +200,20 @@ def reference_weights(model) -> dict[str, torch.Tensor]:
     """A Megatron GPTModel's weights as a reference-model (local-spec) state dict."""
     sd = {k: v for k, v in model.state_dict().items() if not is_extra_state(k) and isinstance(v, torch.Tensor)}
     return te_to_local(sd)
+
+
+def load_dist_checkpoint(model, path, prefix: str = "model.") -> None:
+    """Load a torch_dist checkpoint (ours, NeMo's or Megatron-LM's) into a Megatron GPTModel with Megatron's
+    own sharded loader: each rank reads only its tensor-/expert-parallel shard, at any TP / EP / PP."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), str(path))
+    expected = model.state_dict()
+    state = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix) and k[len(prefix):] in expected}
+    missing = [k for k in expected if k not in state and not is_extra_state(k)]
+    if missing:
+        raise UpcycleError(f"{path} lacks {missing[0]} ({len(missing)} tensors missing) for this model")
+    model.load_state_dict(state, strict=False)
 
 
 def megatron_forward(model, tokens: torch.Tensor) -> torch.Tensor:

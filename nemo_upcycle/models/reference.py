@@ -14,6 +14,7 @@ GPTModel with the local (non-Transformer-Engine) layer spec:
     decoder.layers.<i>.mlp.router.weight                            [N, H]         MoE layer
     decoder.layers.<i>.mlp.experts.local_experts.<e>.linear_fc1.weight   [F_e or 2F_e, H]
     decoder.layers.<i>.mlp.experts.local_experts.<e>.linear_fc2.weight   [H, F_e]
+    decoder.layers.<i>.mlp.shared_experts.linear_fc{1,2}.weight, .gate_weight [1, H]   (shared expert)
     decoder.final_layernorm.{weight,bias}                           [H]
     output_layer.weight                                             [V, H]      (absent when tied)
 
@@ -51,13 +52,61 @@ class Norm(nn.Module):
         return F.layer_norm(x, gamma.shape, gamma, self.bias, self.eps)
 
 
+def rope_inv_freq(cfg: GPTConfig, seq_len: int) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies [rot/2] and the factor cos and sin are multiplied by, for each RoPE scaling
+    (the formulas of Hugging Face's modeling_rope_utils, which Llama 3.1+, Qwen and Mistral checkpoints use):
+
+      linear   position interpolation: every frequency / factor
+      dynamic  NTK-aware: the base grows with seq_len once it exceeds seq_length (inference-time)
+      llama3   wavelengths above original/low_freq_factor / factor, below original/high_freq_factor kept,
+               a smooth blend between
+      yarn     ramp between interpolated (/ factor) and original frequencies over the dims whose rotation
+               count in the original context lies in [beta_slow, beta_fast]; cos and sin scaled by the
+               attention factor (0.1 ln(factor) + 1 unless given)
+    """
+    rot = int(cfg.head_dim * cfg.rotary_percentage)
+    kind, factor, base = cfg.rope_scaling_type, cfg.rope_scaling_factor, cfg.rotary_base
+    if kind == "dynamic" and seq_len > cfg.seq_length:
+        base = base * ((factor * seq_len / cfg.seq_length) - (factor - 1)) ** (rot / (rot - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.int64).float() / rot))
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        old_len = cfg.rope_original_max_position_embeddings
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, blended, scaled), 1.0
+    if kind == "yarn":
+        def correction_dim(rotations: float) -> float:  # the dim whose rotation count over old_len is `rotations`
+            return rot * math.log(cfg.rope_original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(base))
+
+        low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
+        high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), rot - 1)
+        high = high + 0.001 if high == low else high
+        ramp = ((torch.arange(rot // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate
+        pos_freqs = base ** (torch.arange(0, rot, 2).float() / rot)
+        inv_freq = 1.0 / (factor * pos_freqs) * (1 - extrapolate) + 1.0 / pos_freqs * extrapolate
+        scale = cfg.rope_attention_factor
+        if scale is None:
+            scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        return inv_freq, scale
+    return inv_freq, 1.0
+
+
 def rope_cos_sin(cfg: GPTConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables [S, rot] for the first rot = head_dim * rotary_percentage channels of each head."""
-    rot = int(cfg.head_dim * cfg.rotary_percentage)
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    inv_freq, scale = rope_inv_freq(cfg, seq_len)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq).to(device)
     emb = torch.cat([freqs, freqs], dim=-1)  # Megatron's non-interleaved layout (rotate_half)
-    return emb.cos(), emb.sin()
+    if scale == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -209,13 +258,29 @@ class Experts(nn.Module):
         return torch.cat([expert(x, w) for expert, x, w in zip(self.local_experts, xs, ws)])
 
 
+class SharedExpert(MLP):
+    """Megatron's SharedExpertMLP: a dense MLP every token goes through beside the routed experts; with a gate
+    its output is scaled by sigmoid(x . gate_weight) per token (Qwen2-MoE's shared_expert_gate)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg, cfg.moe_shared_expert_intermediate_size)
+        self.gate_weight = nn.Parameter(torch.empty(1, cfg.hidden_size)) if cfg.moe_shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (tokens, H)
+        out = super().forward(x)
+        return out if self.gate_weight is None else out * torch.sigmoid(F.linear(x, self.gate_weight))
+
+
 class MoELayer(nn.Module):
-    """route -> permute tokens by expert -> run experts -> weight and sum back. Dropless, no token loop."""
+    """route -> permute tokens by expert -> run experts -> weight and sum back (+ the shared expert, if any).
+    Dropless, no token loop."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.router = Router(cfg)
         self.experts = Experts(cfg)
+        if cfg.moe_shared_expert_intermediate_size:
+            self.shared_experts = SharedExpert(cfg)
         self.last_routing: Routing | None = None  # kept for monitoring (expert load) and the aux/z losses
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +294,10 @@ class MoELayer(nn.Module):
         token = order // topk  # source token of each sorted slot
         y = self.experts(x.index_select(0, token), routing.weights.flatten()[order],
                          routing.tokens_per_expert.tolist())
-        return torch.zeros_like(x).index_add_(0, token, y).reshape(shape)
+        out = torch.zeros_like(x).index_add_(0, token, y)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
+        return out.reshape(shape)
 
 
 class TransformerLayer(nn.Module):

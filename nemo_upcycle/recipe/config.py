@@ -53,6 +53,9 @@ class UpcycleConfig:
     z_loss_coeff: float | None = None
     # Megatron's moe_router_topk_scaling_factor: multiplies the routing weights; the weight scale divides by it.
     topk_scaling_factor: float | None = None
+    # Qwen-MoE style: keep the dense MLP whole as a shared expert behind a zero-initialised sigmoid gate (1/2 of
+    # it at step 0) and upcycle the routed experts beside it to the other half (see `scale_factor`).
+    shared_expert: bool = False
 
     def __post_init__(self) -> None:
         for name in ("expansion", "granularity", "topk", "layer_freq"):
@@ -148,6 +151,7 @@ class UpcycleConfig:
           sigmoid, T > 1:    Megatron renormalises the top-T scores to sum to 1     ->  s = G
           sigmoid, T = 1:    p = sigmoid(0) = 1/2 for a zero router (and G = 1)     ->  s = 2*G
         divided by Megatron's topk scaling factor when one is set (it multiplies every routing weight).
+        With a shared expert (the dense MLP times sigmoid(0) = 1/2) the routed experts make the other half: s / 2.
         """
         if self.weight_scaling == "off":
             return 1.0
@@ -160,6 +164,8 @@ class UpcycleConfig:
             s = float(g)
         else:
             s = 2.0 * g
+        if self.shared_expert:
+            s /= 2
         return s / (self.topk_scaling_factor or 1.0)
 
     def moe_layer_pattern(self, num_layers: int) -> list[bool]:
@@ -205,4 +211,6 @@ class UpcycleConfig:
             "moe_z_loss_coeff": self.z_loss_coeff,
             "moe_layer_freq": 1 if all(pattern) else [int(p) for p in pattern],
         }
+        if self.shared_expert:
+            fields_.update(moe_shared_expert_intermediate_size=ffn_hidden_size, moe_shared_expert_gate=True)
         return fields_

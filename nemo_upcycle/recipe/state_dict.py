@@ -47,6 +47,10 @@ def upcycle_layer_mlp(mlp: dict[str, torch.Tensor], dense: GPTConfig, recipe: Up
     }
     if dense.bias:  # Megatron's router has a bias with add_bias_linear; zero keeps the virtual groups tied
         out["mlp.router.bias"] = torch.zeros(recipe.num_experts, dtype=experts.fc1_weight.dtype)
+    if recipe.shared_expert:  # the dense MLP, unchanged; its zero gate gives sigmoid(0) = 1/2 at step 0
+        out["mlp.shared_experts.linear_fc1.weight"] = mlp["mlp.linear_fc1.weight"]
+        out["mlp.shared_experts.linear_fc2.weight"] = mlp["mlp.linear_fc2.weight"]
+        out["mlp.shared_experts.gate_weight"] = torch.zeros(1, dense.hidden_size, dtype=experts.fc1_weight.dtype)
     if experts.fc1_bias is not None:
         out["mlp.experts.linear_fc1.bias"] = experts.fc1_bias
     if experts.fc2_bias is not None:

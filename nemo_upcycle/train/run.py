@@ -35,6 +35,7 @@ class TrainResult:
     seconds: float
     metrics: dict[str, float]
     expert_load_png: Path | None
+    loss_history: tuple[list[int], list[float]]  # (tokens seen, training LM loss) per micro-batch
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
@@ -81,14 +82,14 @@ def train(cfg: DictConfig) -> TrainResult:
     import lightning.pytorch as pl
     from nemo.utils.exp_manager import exp_manager
 
-    from nemo_upcycle.train.callbacks import ExpertLoadMonitor
+    from nemo_upcycle.train.callbacks import ExpertLoadMonitor, LossHistory
 
     if cfg.global_batch_size % cfg.micro_batch_size:
         raise UpcycleError(f"global_batch_size {cfg.global_batch_size} is not a multiple of micro_batch_size "
                            f"{cfg.micro_batch_size}")
     pl.seed_everything(cfg.seed, workers=True)
-    monitor = ExpertLoadMonitor()
-    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[monitor],
+    monitor, history = ExpertLoadMonitor(), LossHistory()
+    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[monitor, history],
                          accumulate_grad_batches=cfg.global_batch_size // cfg.micro_batch_size)
     em = OmegaConf.to_container(cfg.exp_manager, resolve=True)
     em.setdefault("name", cfg.name)
@@ -103,7 +104,8 @@ def train(cfg: DictConfig) -> TrainResult:
     model.save_to(str(nemo_path))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     result = TrainResult(model, exp_dir, nemo_path, trainer.global_step, seconds, metrics,
-                         monitor.path if monitor.path is not None and monitor.path.exists() else None)
+                         monitor.path if monitor.path is not None and monitor.path.exists() else None,
+                         (history.tokens, history.losses))
     (exp_dir / "train_summary.json").write_text(json.dumps(
         {"steps": result.steps, "seconds": seconds, "nemo": str(nemo_path), "metrics": metrics}, indent=2))
     return result

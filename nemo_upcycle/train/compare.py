@@ -1,0 +1,47 @@
+"""Comparing models fairly: the same held-out batches for every loss, the same tokens and schedule for every
+training run. Used by the demo and benchmarks/replicate_paper.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def training_overrides(run: Path, name: str, restore: Path, data_prefix: Path, steps: int, batch: int, lr: float,
+                       backend: str = "torch") -> list[str]:
+    """Hydra overrides for one continued-training run: same data, order and schedule for every model compared."""
+    return [f"restore_from={restore}", f"name={name}", f"data.data_prefix=[{data_prefix}]",
+            "data.splits_string='95,5,0'", f"exp_manager.exp_dir={run}", "exp_manager.resume_if_exists=false",
+            f"micro_batch_size={batch}", f"global_batch_size={batch}", f"backend={backend}",
+            f"trainer.max_steps={steps}", f"trainer.val_check_interval={max(steps, 1)}",
+            "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", f"optim.lr={lr}",
+            f"optim.sched.min_lr={lr / 10}", f"optim.sched.warmup_steps={max(1, steps // 10)}"]
+
+
+def held_out_batches(dense: Path, data_prefix: Path, batches: int, batch: int) -> list[torch.Tensor]:
+    """The first validation batches of the corpus (the split training does not see), as token tensors."""
+    from nemo_upcycle.checkpoint import load_tokenizer_of, open_checkpoint
+    from nemo_upcycle.data.datasets import build_gpt_datasets
+
+    with open_checkpoint(dense) as reader:
+        tokenizer, seq = load_tokenizer_of(reader), reader.config.seq_length
+    valid = build_gpt_datasets([str(data_prefix)], tokenizer, seq, split="95,5,0",
+                               num_samples=(1, batches * batch, 0), seed=4321).valid
+    loader = torch.utils.data.DataLoader(valid, batch_size=batch, shuffle=False)
+    out = []
+    for i, item in enumerate(loader):
+        if i == batches:
+            break
+        out.append(torch.cat([item["tokens"], item["labels"][:, -1:]], dim=1))
+    return out
+
+
+@torch.no_grad()
+def mean_loss(model, batches: list[torch.Tensor]) -> float:
+    from nemo_upcycle.models.reference import lm_loss
+
+    model = model.float().eval()
+    return sum(lm_loss(model(b[:, :-1]).logits, b[:, 1:]).item() for b in batches) / len(batches)
+
+

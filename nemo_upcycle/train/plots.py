@@ -1,0 +1,64 @@
+"""Plots people would rather look at than read: loss curves and expert load (matplotlib, PNG, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path, title: str = "") -> Path:
+    """Training loss against tokens seen, one line per run (a moving average over ~5% of the run)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    for name, (tokens, losses) in curves.items():
+        if not losses:
+            continue
+        k = max(1, len(losses) // 20)
+        smooth = torch.tensor(losses).unfold(0, k, 1).mean(1).tolist() if len(losses) >= k else losses
+        ax.plot(tokens[k - 1:], smooth, label=name)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("training LM loss (nats/token)")
+    ax.set_title(title or "Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(steps: list[int], loads: list[list[torch.Tensor]], path: Path, title: str = "") -> Path:
+    """One panel per MoE layer: expert (rows) x training step (columns), colour = fraction of routed tokens."""
+    plt = _pyplot()
+    n_layers = len(loads[0])
+    cols = min(n_layers, 4)
+    rows = -(-n_layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols + 1, 3 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    vmax = max(float(torch.stack([l[i] for l in loads]).max()) for i in range(n_layers))
+    for i in range(n_layers):
+        ax = axes[i // cols][i % cols]
+        grid = torch.stack([l[i] for l in loads], dim=1).numpy()  # (experts, steps)
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=vmax,
+                       extent=(steps[0], steps[-1] + 1, -0.5, grid.shape[0] - 0.5), interpolation="nearest")
+        ax.set_title(f"MoE layer {i}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+    for j in range(n_layers, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.colorbar(im, ax=axes, label="fraction of routed tokens", shrink=0.9)
+    fig.suptitle(title or f"Expert load over training (uniform = {1 / grid.shape[0]:.3f})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
