@@ -61,7 +61,6 @@ def dense_config(scale: str):
 def upcycle_both_ways(dense_cfg, workdir: Path) -> dict:
     """In memory and through the converter; returns {recipe: (moe_cfg, state)} after checking they agree."""
     from nemo_upcycle.checkpoint import open_checkpoint
-    from nemo_upcycle.checkpoint.base import TensorInfo
     from nemo_upcycle.checkpoint.nemo import NemoWriter
     from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
     from nemo_upcycle.convert import convert, expected_shapes
@@ -122,8 +121,6 @@ def parity(models: dict, use_te: bool, grouped: bool) -> None:
 
 def throughput(models: dict, use_te: bool, grouped: bool, steps: int, batch: int, seq: int, fp8: bool = False) -> list:
     from nemo_upcycle.models.backends import MegatronBackend, TorchBackend
-    from nemo_upcycle.models.keys import unstack_experts
-    from nemo_upcycle.models.reference import lm_loss
 
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), 989.0) * 1e12
     rows = []
@@ -145,20 +142,12 @@ def throughput(models: dict, use_te: bool, grouped: bool, steps: int, batch: int
             opt = torch.optim.SGD(model.parameters(), lr=1e-6)
             ctx = _fp8_context() if fp8 else torch.autocast("cuda", enabled=False)
 
-            def step():
-                opt.zero_grad(set_to_none=True)
-                with ctx:
-                    out = model(tokens[:, :-1])
-                    loss = lm_loss(out.logits, tokens[:, 1:]) + out.objective
-                loss.backward()
-                opt.step()
-
             for _ in range(2):
-                step()
+                _train_step(model, opt, tokens, ctx)
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(steps):
-                step()
+                _train_step(model, opt, tokens, ctx)
             torch.cuda.synchronize()
             seconds = (time.perf_counter() - start) / steps
             tok_s = batch * seq / seconds
@@ -173,6 +162,17 @@ def throughput(models: dict, use_te: bool, grouped: bool, steps: int, batch: int
             del model, opt
             torch.cuda.empty_cache()
     return rows
+
+
+def _train_step(model, opt, tokens: torch.Tensor, ctx) -> None:
+    from nemo_upcycle.models.reference import lm_loss
+
+    opt.zero_grad(set_to_none=True)
+    with ctx:
+        out = model(tokens[:, :-1])
+        loss = lm_loss(out.logits, tokens[:, 1:]) + out.objective
+    loss.backward()
+    opt.step()
 
 
 def _fp8_context():

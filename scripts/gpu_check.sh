@@ -11,12 +11,11 @@ repo="$(dirname "$here")"
 python="${PYTHON:-python3}"
 site="${GPU_CHECK_SITE:-/tmp/nemo_upcycle_site}"
 
-if ls "$here"/wheels/*.whl >/dev/null 2>&1; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-        "$here"/wheels/*.whl
+if ls "$here"/wheels/*.whl >/dev/null 2>&1 && "$python" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target "$site" "$here"/wheels/*.whl; then
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 else
-    echo "no wheels in $here/wheels: using the installed packages and this checkout"
+    echo "no usable wheels in $here/wheels (see prepare_gpu_wheels.sh): using the installed packages and this checkout"
     export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1

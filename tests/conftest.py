@@ -38,3 +38,20 @@ def megatron():
     import megatron.core
 
     return megatron.core
+
+
+def assert_megatron_matches(cfg: GPTConfig, state_dict: dict, tokens: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+    """Build Megatron-core's GPTModel (local spec, CPU) with these weights and check its state-dict keys and logits
+    against the reference model's; returns the reference logits."""
+    from nemo_upcycle.models.megatron import build_megatron_gpt, load_reference_weights, megatron_forward
+
+    megatron_model = build_megatron_gpt(cfg, use_te=False).eval()
+    load_reference_weights(megatron_model, state_dict, cfg)
+    ours = GPTModel(cfg).eval()
+    ours.load_state_dict(state_dict)
+    assert {k for k in megatron_model.state_dict() if not k.endswith("_extra_state")} == set(ours.state_dict())
+    with torch.no_grad():
+        logits = ours(tokens).logits
+        diff = (megatron_forward(megatron_model, tokens) - logits).abs().max().item()
+    assert diff < tol, f"reference vs Megatron-core: max abs logit diff {diff:.3e}"
+    return logits

@@ -157,7 +157,7 @@ def test_hugging_face_folder_saved_by_transformers(megatron, tmp_path, spm):
     recipe = UpcycleConfig.from_shorthand("E2G2T2", router="topk_then_softmax")
     convert(tmp_path / "hf", tmp_path / "moe.nemo", recipe, progress=False)
     with open_checkpoint(tmp_path / "moe.nemo") as r:
-        moe_cfg, got = r.config, unstack_experts(r.state_dict())
+        got = unstack_experts(r.state_dict())
         assert r.tokenizer.config["library"] == "sentencepiece"
         assert list(r.tokenizer.artifacts.values()) == [spm]
     _, want = upcycle_state_dict(dense.state_dict(), cfg, recipe)

@@ -12,7 +12,7 @@ from nemo_upcycle.models.hf import gpt_config_from_nemotron_hf, nemotron_hf_conf
 from nemo_upcycle.models.keys import local_to_te, stack_experts, te_to_local, unstack_experts
 from nemo_upcycle.models.reference import MoELayer, lm_loss
 from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
-from tests.conftest import random_model, small_config
+from tests.conftest import assert_megatron_matches, random_model, small_config
 
 TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(5))
 
@@ -40,15 +40,6 @@ def test_dense_equals_hugging_face_nemotron(overrides):
     assert parsed.replace(kv_channels=None) == cfg
 
 
-def _megatron_logits(cfg, state_dict):
-    from nemo_upcycle.models.megatron import build_megatron_gpt, load_reference_weights, megatron_forward
-
-    model = build_megatron_gpt(cfg, use_te=False).eval()
-    load_reference_weights(model, state_dict, cfg)
-    with torch.no_grad():
-        return megatron_forward(model, TOKENS), model
-
-
 @pytest.mark.parametrize("overrides", [
     dict(),  # Nemotron: layernorm1p, squared ReLU, RoPE 0.5, GQA
     dict(normalization="rmsnorm", activation="swiglu", rotary_percentage=1.0),
@@ -57,13 +48,7 @@ def _megatron_logits(cfg, state_dict):
 ])
 def test_dense_equals_megatron_core(megatron, overrides):
     cfg = small_config(**overrides)
-    ours = random_model(cfg)
-    theirs, mg = _megatron_logits(cfg, ours.state_dict())
-    # key names and shapes are exactly Megatron's local spec (less TE's empty _extra_state entries)
-    mg_shapes = {k: tuple(v.shape) for k, v in mg.state_dict().items() if not k.endswith("_extra_state")}
-    assert mg_shapes == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    with torch.no_grad():
-        assert (theirs - ours(TOKENS).logits).abs().max().item() < 1e-5
+    assert_megatron_matches(cfg, random_model(cfg).state_dict(), TOKENS)  # keys (shapes by loading) and logits
 
 
 @pytest.mark.parametrize("router", ["softmax_then_topk", "topk_then_softmax", "sigmoid"])
@@ -78,12 +63,7 @@ def test_moe_equals_megatron_core(megatron, router, overrides, shorthand, layers
     moe_cfg, sd = upcycle_state_dict(random_model(cfg).state_dict(), cfg, recipe)
     # perturb the experts so routing decisions matter
     sd = {k: v + 0.01 * torch.randn_like(v) if ".experts." in k else v for k, v in sd.items()}
-    ours = GPTModel(moe_cfg).eval()
-    ours.load_state_dict(sd)
-    theirs, mg = _megatron_logits(moe_cfg, sd)
-    assert {k for k in mg.state_dict() if not k.endswith("_extra_state")} == set(ours.state_dict())
-    with torch.no_grad():
-        assert (theirs - ours(TOKENS).logits).abs().max().item() < 1e-5
+    assert_megatron_matches(moe_cfg, sd, TOKENS)
 
 
 def test_layernorm1p_stores_gamma_minus_one():
@@ -198,3 +178,29 @@ def test_lm_loss_masks_and_gradients_reach_every_parameter():
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
     assert len(out.tokens_per_expert) == 2 and int(out.tokens_per_expert[0].sum()) == TOKENS[:, :-1].numel() * 2
+
+
+@pytest.mark.parametrize("activation, bias", [("squared-relu", False), ("swiglu", True)])
+def test_grouped_gemm_experts_equal_the_per_expert_path(activation, bias):
+    """The grouped-GEMM path (automatic on Hopper GPUs in bf16) gives the per-expert path's outputs and
+    gradients; forced on here, on CPU in float32."""
+    cfg = small_config(num_layers=1, activation=activation, bias=bias, num_moe_experts=8, moe_ffn_hidden_size=16,
+                       moe_router_topk=2)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    x = torch.randn(40, 32, requires_grad=True)
+    results = []
+    for grouped in (False, True):
+        layer.experts.grouped_mm = grouped
+        layer.zero_grad()
+        x.grad = None
+        out = layer(x)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in layer.parameters()]))
+    (a, ga, pa), (b, gb, pb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-5)
+    for p, q in zip(pa, pb):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

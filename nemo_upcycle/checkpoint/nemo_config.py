@@ -129,23 +129,10 @@ def nemo_config_from_gpt(gpt: GPTConfig, base: dict[str, Any] | None = None) -> 
     if rope.get("rope_scaling"):
         cfg.update(scale_positional_embedding=True, rope_scaling_factor=rope["rope_scaling_factor"])
     if gpt.is_moe:
-        cfg.update(
-            num_moe_experts=gpt.num_moe_experts,
-            moe_ffn_hidden_size=gpt.expert_ffn_hidden_size,
-            moe_router_topk=gpt.moe_router_topk,
-            moe_router_pre_softmax=gpt.moe_router_pre_softmax,
-            moe_router_score_function=gpt.moe_router_score_function,
-            moe_aux_loss_coeff=gpt.moe_aux_loss_coeff,
-            **MOE_TRAINING_DEFAULTS,
-        )
-        for key in ("moe_z_loss_coeff", "moe_router_topk_scaling_factor", "moe_shared_expert_intermediate_size"):
-            if getattr(gpt, key) is not None:
-                cfg[key] = getattr(gpt, key)
-        if gpt.moe_shared_expert_gate:
-            cfg["moe_shared_expert_gate"] = True
+        cfg.update(gpt.moe_fields(), **MOE_TRAINING_DEFAULTS)
+        if not gpt.moe_shared_expert_gate:
+            cfg.pop("moe_shared_expert_gate")
         if gpt.moe_layer_freq != 1:
-            cfg["moe_layer_freq"] = list(gpt.moe_layer_freq) if isinstance(gpt.moe_layer_freq, tuple) \
-                else gpt.moe_layer_freq
             cfg["name"] = "decoder_block_gpt"  # NeMo's spec name for mixed dense / MoE decoders
     return cfg
 

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata)
+    ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import (
     LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -82,18 +82,22 @@ def _safe_metadata(stream: IO[bytes]) -> Metadata:
         raise UpcycleError(f"unreadable torch_dist metadata ({err}): the checkpoint is corrupt or not torch_dist")
 
 
-class _TarFileSystem(FileSystem):
-    """DCP's file system interface over members of an uncompressed tar, read through windows."""
-
-    def __init__(self, archive: TarArchive):
-        super().__init__()
-        self.archive = archive
+class _TarPaths(FileSystem):
+    """Paths of DCP's file system interface as tar member names (`folder/file`)."""
 
     def init_path(self, path):  # type: ignore[override]
         return str(path)
 
     def concat_path(self, path, suffix):  # type: ignore[override]
         return f"{path}/{suffix}" if path else suffix
+
+
+class _TarFileSystem(_TarPaths):
+    """DCP's file system interface over members of an uncompressed tar, read through windows."""
+
+    def __init__(self, archive: TarArchive):
+        super().__init__()
+        self.archive = archive
 
     @contextmanager
     def create_stream(self, path, mode):  # type: ignore[override]
@@ -180,20 +184,6 @@ class DistCheckpointReader:
         return [dest.reshape(dest.shape[len(index):]) for (_, index), (_, _, dest) in zip(requests, planned)]
 
 
-def read_common(path: Path, archive: TarArchive | None = None) -> dict:
-    """`common.pt` (non-sharded state), loaded with weights_only=True."""
-    name = f"{path}/common.pt"
-    try:
-        if archive is not None:
-            data = io.BytesIO(archive.read_bytes(name))
-            return torch.load(data, map_location="cpu", weights_only=True)
-        return torch.load(Path(path) / "common.pt", map_location="cpu", weights_only=True)
-    except (FileNotFoundError, UpcycleError):
-        return {}
-    except pickle.UnpicklingError:
-        return {}  # holds Python objects beyond plain data (e.g. Megatron-LM args): not needed for weights
-
-
 # ---- streaming writer ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -206,13 +196,6 @@ class Chunk:
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     group: int  # chunks of one group (a layer) are produced together and stored in one file
-
-    @property
-    def nbytes(self) -> int:
-        n = torch.tensor([], dtype=self.dtype).element_size()
-        for s in self.sizes:
-            n *= s
-        return n
 
 
 @dataclass(frozen=True)
@@ -264,18 +247,12 @@ class _StreamSavePlanner(DefaultSavePlanner):
         return tensor.contiguous()
 
 
-class _TarWriteFileSystem(FileSystem):
+class _TarWriteFileSystem(_TarPaths):
     """DCP's file system interface writing members straight into a `TarWriter` (under a folder prefix)."""
 
     def __init__(self, tar: TarWriter):
         super().__init__()
         self.tar = tar
-
-    def init_path(self, path):  # type: ignore[override]
-        return str(path)
-
-    def concat_path(self, path, suffix):  # type: ignore[override]
-        return f"{path}/{suffix}"
 
     @contextmanager
     def create_stream(self, path, mode):  # type: ignore[override]
@@ -344,7 +321,3 @@ def write_dist_checkpoint(path: Path | str, items: Sequence[Chunk | BytesItem],
             (Path(path) / name).write_bytes(data)
         else:
             tar.add_bytes(f"{path}/{name}", data)
-
-
-def is_dist_checkpoint(path: Path) -> bool:
-    return (Path(path) / ".metadata").is_file() and (Path(path) / "metadata.json").is_file()

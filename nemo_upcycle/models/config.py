@@ -148,6 +148,17 @@ class GPTConfig:
             return [i % self.moe_layer_freq == 0 for i in range(self.num_layers)]
         return [bool(x) for x in self.moe_layer_freq]
 
+    def moe_fields(self) -> dict[str, Any]:
+        """The MoE fields as Megatron-core's TransformerConfig and NeMo's model_config name them (unset ones
+        left out; `moe_layer_freq` as an int or a list)."""
+        if not self.is_moe:
+            return {}
+        fields_ = {k: getattr(self, k) for k in _MOE_DEFAULTS if getattr(self, k) is not None}
+        fields_["moe_ffn_hidden_size"] = self.expert_ffn_hidden_size
+        if isinstance(self.moe_layer_freq, tuple):
+            fields_["moe_layer_freq"] = list(self.moe_layer_freq)
+        return fields_
+
     def dense(self) -> "GPTConfig":
         """The same model with every MLP dense (drops the MoE fields)."""
         return replace(self, **{k: v for k, v in _MOE_DEFAULTS.items()})

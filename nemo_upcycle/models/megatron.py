@@ -62,20 +62,10 @@ def transformer_config(cfg: GPTConfig, use_te: bool = False, **overrides: Any):
     )
     if cfg.is_moe:
         kwargs.update(
-            num_moe_experts=cfg.num_moe_experts,
-            moe_ffn_hidden_size=cfg.expert_ffn_hidden_size,
-            moe_router_topk=cfg.moe_router_topk,
-            moe_router_pre_softmax=cfg.moe_router_pre_softmax,
-            moe_router_score_function=cfg.moe_router_score_function,
-            moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
-            moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
-            moe_z_loss_coeff=cfg.moe_z_loss_coeff,
-            moe_layer_freq=cfg.moe_layer_freq if isinstance(cfg.moe_layer_freq, int) else list(cfg.moe_layer_freq),
+            cfg.moe_fields(),
             moe_router_dtype="fp32",  # the reference model routes in float32 too
             moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",  # alltoall needs CUDA streams
             moe_router_load_balancing_type="aux_loss",
-            moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
-            moe_shared_expert_gate=cfg.moe_shared_expert_gate,
         )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

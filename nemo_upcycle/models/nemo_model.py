@@ -24,7 +24,7 @@ from lightning.pytorch import Trainer
 from nemo.core.classes import ModelPT
 from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
 from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from nemo_upcycle.checkpoint import CheckpointReader, Tokenizer, open_checkpoint
 from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
@@ -256,10 +256,3 @@ class MegatronUpcycledGPTModel(ModelPT):
     def list_available_models(cls) -> list:
         return []
 
-
-def set_training_fields(cfg: DictConfig, **fields: Any) -> DictConfig:
-    """Set top-level fields on a (struct) model config."""
-    with open_dict(cfg):
-        for k, v in fields.items():
-            cfg[k] = v
-    return cfg

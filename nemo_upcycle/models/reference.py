@@ -244,6 +244,8 @@ class Experts(nn.Module):
 
     Each expert runs on its contiguous slice via `split`, whose backward is one concatenation: slicing the
     sorted tensor instead would allocate a full-size gradient per expert, ruinous for 64 fine-grained experts.
+    On Hopper GPUs in bf16 the two projections are instead one grouped GEMM each (`torch._grouped_mm`, CUTLASS)
+    over the stacked expert weights; `grouped_mm` forces either path (None: automatic).
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -251,11 +253,41 @@ class Experts(nn.Module):
         self.local_experts = nn.ModuleList(
             MLP(cfg, cfg.expert_ffn_hidden_size) for _ in range(cfg.num_moe_experts)
         )
+        self.grouped_mm: bool | None = None
 
     def forward(self, x_sorted: torch.Tensor, weights_sorted: torch.Tensor,
                 tokens_per_expert: list[int]) -> torch.Tensor:
+        if self._use_grouped_mm(x_sorted):
+            return self._grouped_forward(x_sorted, weights_sorted, tokens_per_expert)
         xs, ws = x_sorted.split(tokens_per_expert), weights_sorted.split(tokens_per_expert)
         return torch.cat([expert(x, w) for expert, x, w in zip(self.local_experts, xs, ws)])
+
+    def _use_grouped_mm(self, x: torch.Tensor) -> bool:
+        if self.grouped_mm is not None:
+            return self.grouped_mm
+        return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+    def _grouped_forward(self, x: torch.Tensor, weights: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        first = self.local_experts[0]
+        counts = torch.tensor(tokens_per_expert, device=x.device)
+        offsets = counts.cumsum(0).to(torch.int32)
+        expert_of_token = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
+
+        def project(h: torch.Tensor, name: str) -> torch.Tensor:  # (tokens, in) x N x (out, in) -> (tokens, out)
+            linears = [getattr(e, name) for e in self.local_experts]
+            out = torch._grouped_mm(h, torch.stack([lin.weight for lin in linears]).transpose(1, 2), offs=offsets)
+            if linears[0].bias is not None:
+                out = out + torch.stack([lin.bias for lin in linears])[expert_of_token]
+            return out
+
+        h = project(x, "linear_fc1")
+        if first.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = first.act(gate) * up
+        else:
+            h = first.act(h)
+        return project(h, "linear_fc2") * weights.unsqueeze(-1)
 
 
 class SharedExpert(MLP):
