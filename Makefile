@@ -34,4 +34,4 @@ bench: install
 	$(BIN)/python benchmarks/moe_layer.py
 
 clean:
-	rm -rf $(VENV) demo_out bench_out .pytest_cache
+	rm -rf $(VENV) demo_out bench_out eval_out nemo_experiments .pytest_cache

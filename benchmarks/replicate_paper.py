@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--dense", type=Path, help="dense .nemo (default: the demo's shipped checkpoint)")
     p.add_argument("--steps", type=int, default=150, help="continued-training steps per arm")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (cosine to a tenth)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (cosine to a tenth); the demo's")
     p.add_argument("--val-batches", type=int, default=16, help="held-out batches for every loss")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to run")
     p.add_argument("--quick", action="store_true", help="20 steps and 4 held-out batches per arm")

@@ -32,6 +32,7 @@ def main() -> None:
     from nemo_upcycle.data.corpus import stdlib_root, stdlib_text
     from nemo_upcycle.data.preprocess import preprocess
     from nemo_upcycle.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
+    from nemo_upcycle.train.compare import SPLIT
     from nemo_upcycle.train.run import load_config, train
 
     work = args.workdir
@@ -40,7 +41,7 @@ def main() -> None:
     preprocess([stdlib_root()], work / "data" / "stdlib", SentencePieceTokenizer(spm), workers=2, overwrite=True)
     cfg = load_config([
         "model=demo_dense", f"model.tokenizer.model={spm}", "name=dense_pretrain",
-        f"data.data_prefix=[{work / 'data' / 'stdlib_text_document'}]", "data.splits_string='98,2,0'",
+        f"data.data_prefix=[{work / 'data' / 'stdlib_text_document'}]", f"data.splits_string='{SPLIT}'",
         f"exp_manager.exp_dir={work / 'exp'}", "micro_batch_size=16", "global_batch_size=16", "backend=torch",
         f"trainer.max_steps={args.steps}", "trainer.val_check_interval=200", "trainer.limit_val_batches=8",
         f"optim.lr={args.lr}", f"optim.sched.min_lr={args.lr / 10}", "optim.sched.warmup_steps=50",

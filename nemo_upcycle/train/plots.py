@@ -16,21 +16,41 @@ def _pyplot():
     return plt
 
 
-def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path, title: str = "") -> Path:
-    """Training loss against tokens seen, one line per run (a moving average over ~5% of the run)."""
+def _smooth(values: list[float], k: int) -> list[float]:
+    return torch.tensor(values).unfold(0, k, 1).mean(1).tolist() if len(values) >= k else values
+
+
+def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path, title: str = "",
+                     baseline: str = "dense") -> Path:
+    """Training loss against tokens seen, one line per run (moving average over ~5% of the run). When the runs
+    saw the same batches, a second panel shows each run's loss minus the `baseline` run's on the same batch,
+    which takes out the batch-to-batch variation that dominates short runs."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    base = curves.get(baseline)
+    paired = base is not None and all(len(c[1]) == len(base[1]) for c in curves.values()) and len(curves) > 1
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(13 if paired else 7, 4.2), layout="constrained",
+                             squeeze=False)
+    ax = axes[0][0]
     for name, (tokens, losses) in curves.items():
-        if not losses:
-            continue
         k = max(1, len(losses) // 20)
-        smooth = torch.tensor(losses).unfold(0, k, 1).mean(1).tolist() if len(losses) >= k else losses
-        ax.plot(tokens[k - 1:], smooth, label=name)
+        ax.plot(tokens[k - 1:], _smooth(losses, k), label=name)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("training LM loss (nats/token)")
     ax.set_title(title or "Training loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if paired:
+        ax = axes[0][1]
+        for name, (tokens, losses) in curves.items():
+            diff = [a - b for a, b in zip(losses, base[1])]
+            k = max(1, len(diff) // 10)
+            ax.plot(tokens[k - 1:], _smooth(diff, k), label=name)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel(f"loss minus {baseline} loss, same batch")
+        ax.set_title(f"Against {baseline} at equal tokens (moving average)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
