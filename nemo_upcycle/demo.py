@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 
 from nemo_upcycle.report import human_count, markdown_table
 
@@ -136,13 +137,13 @@ def run_demo(s: DemoSettings) -> DemoResult:
     with _Timer(stages, "step-0 losses on held-out text"):
         held_out = held_out_batches(dense, data_prefix, 2 if s.quick else s.val_batches, s.batch)
         result.held_out_batches = len(held_out)
-        step0 = {}
+        step0, logits = {}, {}
         for name, path in models.items():
             model, _ = load_model(path)
-            step0[name] = (mean_loss(model, held_out), model.config)
-        dense_logits = load_model(dense)[0].float()(held_out[0][:, :-1]).logits
-        logit_diff = {name: (load_model(p)[0].float()(held_out[0][:, :-1]).logits - dense_logits).abs().max().item()
-                      for name, p in models.items()}
+            step0[name] = (mean_loss(model, held_out), model.config)  # mean_loss leaves it float32, eval mode
+            with torch.no_grad():
+                logits[name] = model(held_out[0][:, :-1]).logits
+        logit_diff = {name: (x - logits["dense"]).abs().max().item() for name, x in logits.items()}
 
     runs = {}
     with _Timer(stages, f"continued training: {s.steps} steps x {s.batch} sequences each, same tokens"):

@@ -222,20 +222,22 @@ class MegatronUpcycledGPTModel(ModelPT):
             self.setup_validation_data(self.cfg.data)
 
     def _datasets(self, data_cfg: DictConfig):
+        """Train / valid datasets sized from the trainer: max_steps global batches, and limit_val_batches
+        micro-batches at every validation (10 when the limit is a fraction)."""
         from nemo_upcycle.data.datasets import build_gpt_datasets
 
         if getattr(self, "_splits", None) is None:
             trainer = self._trainer
-            gbs = int(self.cfg.global_batch_size)
-            steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else data_cfg.get("steps", 100)
-            val_batches = int(trainer.limit_val_batches) if trainer is not None and \
-                isinstance(trainer.limit_val_batches, int) else data_cfg.get("val_batches", 10)
-            evals = steps // max(int(trainer.val_check_interval), 1) + 1 if trainer is not None and \
-                isinstance(trainer.val_check_interval, int) else 1
+            if trainer is None or trainer.max_steps <= 0:
+                raise UpcycleError("training data needs a Trainer with max_steps set (trainer.max_steps=...)")
+            val_batches = trainer.limit_val_batches if isinstance(trainer.limit_val_batches, int) else 10
+            interval = trainer.val_check_interval if isinstance(trainer.val_check_interval, int) else trainer.max_steps
+            validations = trainer.max_steps // max(interval, 1) + 1
             self._splits = build_gpt_datasets(
                 list(data_cfg.data_prefix), self.tokenizer, self.gpt_config.seq_length,
                 split=data_cfg.get("splits_string", "949,50,1"),
-                num_samples=(steps * gbs, evals * val_batches * int(self.cfg.micro_batch_size), 0),
+                num_samples=(trainer.max_steps * int(self.cfg.global_batch_size),
+                             validations * val_batches * int(self.cfg.micro_batch_size), 0),
                 seed=int(data_cfg.get("seed", 1234)), cache_dir=data_cfg.get("index_cache_dir"),
             )
         return self._splits
