@@ -58,7 +58,9 @@ def main() -> int:
     with torch.no_grad():
         diff = (logits - reference(tokens).logits).abs().max().item()
     rank = dist.get_rank()
-    print(f"rank {rank}: TP={args.tp} EP={args.ep} max abs logit diff vs reference {diff:.3e}", flush=True)
+    # One write per line: both ranks share the launcher's stdout, and print() writes the newline separately.
+    sys.stdout.write(f"rank {rank}: TP={args.tp} EP={args.ep} max abs logit diff vs reference {diff:.3e}\n")
+    sys.stdout.flush()
     ok = torch.tensor([diff <= args.tolerance], dtype=torch.int32)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     dist.destroy_process_group()
