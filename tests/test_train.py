@@ -6,6 +6,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from nemo_upcycle.convert import convert
 from nemo_upcycle.data.preprocess import preprocess
 from nemo_upcycle.models.nemo_model import MegatronUpcycledGPTModel
 from nemo_upcycle.recipe import UpcycleConfig
-from nemo_upcycle.train.run import load_config, train
+from nemo_upcycle.train.run import build_model, load_config, train
 from tests.conftest import random_model, small_config
 from tests.nemo_fixtures import pack_nemo, spm_model_bytes, write_nemo_dir
 
@@ -140,6 +141,31 @@ def test_torch_and_megatron_backends_agree_on_loss_and_gradients(workdir):
     assert grads["torch"].keys() == grads["megatron"].keys()
     for k, g in grads["torch"].items():
         torch.testing.assert_close(g, grads["megatron"][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+class _GradCapture(pl.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads = {k: p.grad.clone() for k, p in pl_module.backend.named_parameters()}
+
+
+def test_backends_agree_on_accumulated_gradients_in_lightning(workdir):
+    """Two micro-batches per step: Lightning divides the returned loss by 2, and Megatron, which injects the
+    router losses' gradient itself, must divide it too (aux coefficient large so a mistake shows)."""
+    grads = {}
+    for backend in ("torch", "megatron"):
+        cfg = run_config(workdir, f"restore_from={workdir / 'dense.nemo'}", "+upcycle.shorthand=E4G2T2",
+                         "+upcycle.aux_loss_coeff=0.5", "+upcycle.z_loss_coeff=0.01", f"backend={backend}",
+                         "trainer.max_steps=1")
+        capture = _GradCapture()
+        trainer = pl.Trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[capture], logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                             enable_model_summary=False)
+        trainer.fit(build_model(cfg, trainer))
+        grads[backend] = capture.grads
+    router = "model.decoder.layers.0.mlp.router.weight"
+    for k, g in grads["torch"].items():
+        torch.testing.assert_close(g, grads["megatron"][k], rtol=1e-4, atol=1e-6, msg=k)
+    assert grads["torch"][router].abs().max() > 1e-3
 
 
 def test_from_dense_equals_convert_then_restore(workdir):

@@ -65,6 +65,9 @@ class TorchBackend(nn.Module):
         return Step(out.logits, out.aux_loss + out.z_loss, out.aux_loss.detach(), out.z_loss.detach(),
                     out.tokens_per_expert)
 
+    def set_router_loss_scale(self, scale: float) -> None:
+        """Nothing to do: the router losses are part of the returned objective, which the trainer scales."""
+
     def canonical_state_dict(self) -> dict[str, torch.Tensor]:
         return stack_experts(self.model.state_dict())
 
@@ -84,6 +87,7 @@ class MegatronBackend(nn.Module):
         self.config = cfg
         self.model = build_megatron_gpt(cfg, use_te=use_te, grouped_gemm=grouped_gemm, **config_overrides)
         self._counts: dict[int, torch.Tensor] = {}
+        self._router_loss_scale = 1.0
         from megatron.core.transformer.moe.router import TopKRouter
 
         routers = [m for m in self.model.modules() if isinstance(m, TopKRouter)]
@@ -92,11 +96,12 @@ class MegatronBackend(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> Step:
         from megatron.core.transformer.moe.moe_utils import (
-            clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker)
+            MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker)
 
         from nemo_upcycle.models.megatron import megatron_forward
 
         clear_aux_losses_tracker()
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(self._router_loss_scale))  # Megatron keeps it global
         self._counts.clear()
         logits = megatron_forward(self.model, tokens)
         tracker = get_moe_layer_wise_logging_tracker()
@@ -111,6 +116,12 @@ class MegatronBackend(nn.Module):
         z = tracked("z_loss", self.config.moe_z_loss_coeff)
         counts = [self._counts[i] for i in sorted(self._counts)]
         return Step(logits, zero, aux, z, counts)
+
+    def set_router_loss_scale(self, scale: float) -> None:
+        """The factor the trainer applies to the LM loss before backward (1 / accumulated micro-batches, times
+        an fp16 loss scale). Megatron injects the router losses' gradient itself, so it must be told, as
+        Megatron-LM's schedules do; otherwise accumulation multiplies the router-loss gradient."""
+        self._router_loss_scale = float(scale)
 
     def canonical_state_dict(self) -> dict[str, torch.Tensor]:
         from nemo_upcycle.models.megatron import reference_weights

@@ -188,6 +188,7 @@ class MegatronUpcycledGPTModel(ModelPT):
         return loss, step
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.backend.set_router_loss_scale(self._loss_scale())
         loss, step = self._step(batch)
         now = time.perf_counter()
         metrics = {"lm_loss": loss.detach(), "aux_loss": step.aux_loss, "z_loss": step.z_loss}
@@ -201,6 +202,12 @@ class MegatronUpcycledGPTModel(ModelPT):
         self.log("loss", loss.detach(), prog_bar=True, batch_size=batch["tokens"].shape[0])
         self.last_expert_load = [c.detach().float().cpu() for c in step.tokens_per_expert]
         return loss + step.objective
+
+    def _loss_scale(self) -> float:
+        """What Lightning multiplies the returned loss by before backward."""
+        scale = 1.0 / self.trainer.accumulate_grad_batches
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 mixed precision
+        return scale * scaler.get_scale() if scaler is not None else scale
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch)
