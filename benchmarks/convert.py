@@ -73,12 +73,12 @@ def run_megatron(src: Path, out: Path, recipe: str) -> dict:
     from megatron.core.transformer.moe.upcycling_utils import upcycle_state_dict
 
     from nemo_upcycle.checkpoint import open_checkpoint
-    from nemo_upcycle.compat import init_single_process_megatron
+    from nemo_upcycle.compat import init_megatron
     from nemo_upcycle.convert import peak_rss_bytes
     from nemo_upcycle.models.megatron import build_megatron_gpt
     from nemo_upcycle.recipe import UpcycleConfig, moe_config
 
-    init_single_process_megatron()
+    init_megatron()
     start = time.perf_counter()
     with open_checkpoint(src) as reader:
         dense_cfg = reader.config

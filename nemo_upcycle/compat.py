@@ -32,12 +32,10 @@ def apply_megatron_cpu_shims() -> None:
         moe_utils.te_general_gemm = None
 
 
-def init_single_process_megatron(tensor_parallel: int = 1, pipeline_parallel: int = 1,
+def init_megatron(tensor_parallel: int = 1, pipeline_parallel: int = 1,
                                  expert_parallel: int = 1) -> None:
-    """A one-process torch.distributed group plus Megatron's parallel state, for CPU runs and tests.
-
-    Under torchrun (WORLD_SIZE set) use the launcher's environment instead and NCCL when CUDA is there.
-    """
+    """torch.distributed plus Megatron's parallel state (idempotent): a one-process gloo group for CPU runs and
+    tests, or under torchrun (WORLD_SIZE set) the launcher's processes, with NCCL when CUDA is there."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import initialize_rng_tracker

@@ -28,12 +28,12 @@ def main() -> int:
     import torch.distributed as dist
 
     from nemo_upcycle.checkpoint import open_checkpoint
-    from nemo_upcycle.compat import init_single_process_megatron
+    from nemo_upcycle.compat import init_megatron
     from nemo_upcycle.models.keys import unstack_experts
     from nemo_upcycle.models.megatron import build_megatron_gpt, load_dist_checkpoint, megatron_forward
     from nemo_upcycle.models.reference import GPTModel
 
-    init_single_process_megatron(tensor_parallel=args.tp, expert_parallel=args.ep)
+    init_megatron(tensor_parallel=args.tp, expert_parallel=args.ep)
     with open_checkpoint(args.checkpoint) as reader:
         cfg, state = reader.config, unstack_experts(reader.state_dict())
         weights_dir = getattr(reader, "path")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -29,12 +34,23 @@ def random_model(cfg: GPTConfig, seed: int = 0, scale: float = 0.05) -> GPTModel
     return model
 
 
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc-per-node N ARGS` on a free port, outside this test's own group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--master-port", str(port), *args], capture_output=True, text=True,
+                          env={**env, "PYTHONWARNINGS": "ignore"}, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def megatron():
     """Megatron-core initialised once for the session: gloo group of one, TP=PP=EP=1, CPU shims applied."""
-    from nemo_upcycle.compat import init_single_process_megatron
+    from nemo_upcycle.compat import init_megatron
 
-    init_single_process_megatron()
+    init_megatron()
     import megatron.core
 
     return megatron.core

@@ -148,3 +148,17 @@ def test_bad_arguments_are_one_line_errors(corpus, tmp_path):
         with pytest.raises(UpcycleError) as excinfo:
             build_gpt_datasets(**kwargs)
         assert_one_line_error(excinfo, *fragments)
+
+
+def test_megatron_order_sampler_splits_global_batches_and_resumes():
+    """Each global batch holds the same consecutive samples for any data-parallel size, ranks never overlap,
+    and a resumed sampler starts after the consumed samples."""
+    from nemo_upcycle.data.datasets import MegatronOrderSampler
+
+    assert list(MegatronOrderSampler(10)) == list(range(10))
+    ranks = [list(MegatronOrderSampler(11, 2, r)) for r in (0, 1)]
+    assert ranks == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]  # equal shares; the odd sample out is dropped
+    consumed = {"n": 0}
+    resumed = MegatronOrderSampler(10, 2, 1, lambda: consumed["n"])
+    consumed["n"] = 6  # read when iteration starts, i.e. after Lightning restored the step count
+    assert list(resumed) == [7, 9] and len(resumed) == 2

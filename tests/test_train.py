@@ -13,10 +13,12 @@ import torch
 from nemo_upcycle.checkpoint import load_tokenizer_of, open_checkpoint
 from nemo_upcycle.convert import convert
 from nemo_upcycle.data.preprocess import preprocess
+from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.nemo_model import MegatronUpcycledGPTModel
 from nemo_upcycle.recipe import UpcycleConfig
+from nemo_upcycle.train.parallel import check_parallel_sizes
 from nemo_upcycle.train.run import build_model, load_config, train
-from tests.conftest import random_model, small_config
+from tests.conftest import random_model, small_config, torchrun
 from tests.nemo_fixtures import pack_nemo, spm_model_bytes, write_nemo_dir
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -181,3 +183,71 @@ def test_training_resumes_from_exp_manager_checkpoints(workdir):
     assert first.steps == 2 and second.steps == 4  # the second run continued from step 2
     assert (first.exp_dir / "checkpoints").is_dir() and any(first.exp_dir.rglob("events.out.tfevents*"))
     assert (second.exp_dir / "expert_load.png").is_file()
+
+
+# ---- several processes: tensor / expert / data parallelism under torchrun (gloo on CPU) ----------------------------
+SGD = ["optim.name=sgd", "~optim.betas", "~optim.eps", "optim.weight_decay=0", "optim.lr=1.0",
+       "optim.sched.warmup_steps=0", "optim.sched.min_lr=1.0"]  # plain SGD: updates proportional to gradients
+
+
+def _parallel_args(workdir: Path, name: str, backend: str, steps: int) -> list[str]:
+    return [f"restore_from={workdir / 'moe.nemo'}", f"backend={backend}", f"name={name}",
+            f"save_nemo={workdir / name}.nemo", "micro_batch_size=1", "global_batch_size=2",
+            f"trainer.max_steps={steps}", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", *SGD]
+
+
+def _torchrun_train(workdir: Path, args: list[str]) -> None:
+    common = [f"data.data_prefix=[{workdir / 'data' / 'code_text_document'}]", f"exp_manager.exp_dir={workdir / 'exp'}",
+              "trainer.enable_progress_bar=false", "data.splits_string='90,10,0'"]
+    proc = torchrun(["-m", "nemo_upcycle.cli", "train", *common, *args])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("| steps ") == 1  # the summary comes from rank 0 only
+
+
+def _saved(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as reader:
+        return reader.state_dict()
+
+
+@pytest.mark.parametrize("backend, parallel", [("megatron", "tensor_model_parallel_size=2"),
+                                               ("megatron", "expert_model_parallel_size=2"),
+                                               ("torch", "")])
+def test_two_process_training_equals_one_process(workdir, backend, parallel):
+    """TP=2 (sequence parallel), EP=2 (and so DP=2) and plain DP=2 give the one-process run's weights: same
+    global batches, gradients reduced over the right groups, clipping by the whole model's norm, and the
+    sharded model saved into one .nemo. Plain SGD makes any gradient error show in the weights."""
+    single = train(run_config(workdir, *_parallel_args(workdir, f"one_{backend}", backend, 2)))
+    assert single.steps == 2
+    name = f"two_{backend}_{parallel.split('_')[0] or 'dp'}"
+    _torchrun_train(workdir, _parallel_args(workdir, name, backend, 2) + ([parallel] if parallel else []))
+    start, one, two = _saved(workdir / "moe.nemo"), _saved(single.nemo_path), _saved(workdir / f"{name}.nemo")
+    assert one.keys() == two.keys() == start.keys()
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 0.01  # training moved the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)
+    if parallel:  # one Lightning checkpoint file per model-parallel shard
+        shards = {p.name for p in (workdir / "exp" / name).rglob("*-last.ckpt.shards/*.pt")}
+        second = "tp01_ep00.pt" if "tensor" in parallel else "tp00_ep01.pt"
+        assert shards == {"tp00_ep00.pt", second}
+
+
+def test_tensor_parallel_training_resumes_from_its_sharded_checkpoints(workdir):
+    """Two steps, then a second launch to four resumes from the per-shard Lightning checkpoints and ends where
+    an uninterrupted one-process run of four steps ends."""
+    args = _parallel_args(workdir, "tp_resume", "megatron", 2) + ["tensor_model_parallel_size=2"]
+    _torchrun_train(workdir, args)
+    _torchrun_train(workdir, [a if not a.startswith("trainer.max_steps") else "trainer.max_steps=4" for a in args])
+    single = train(run_config(workdir, *_parallel_args(workdir, "one_resume", "megatron", 4)))
+    one, two = _saved(single.nemo_path), _saved(workdir / "tp_resume.nemo")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_parallel_sizes_get_one_line_errors(workdir):
+    with pytest.raises(UpcycleError, match="needs 2 processes: launch with torchrun"):
+        train(run_config(workdir, f"restore_from={workdir / 'moe.nemo'}", "backend=megatron",
+                         "tensor_model_parallel_size=2"))
+    with pytest.raises(UpcycleError, match="need backend=megatron"):
+        check_parallel_sizes(2, 2, 1, "torch")
+    with pytest.raises(UpcycleError, match="cannot be split into tensor_model_parallel_size 2"):
+        check_parallel_sizes(6, 2, 2, "megatron")

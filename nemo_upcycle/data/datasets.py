@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import torch
+
 from nemo_upcycle.data.tokenizers import Tokenizer
 from nemo_upcycle.errors import UpcycleError
 
@@ -158,3 +160,24 @@ def _process_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+class MegatronOrderSampler(torch.utils.data.Sampler[int]):
+    """Megatron-LM's sample order for pretraining data (already shuffled by GPTDataset): in order, each of the
+    `data_parallel` ranks taking every data_parallel-th sample, starting after `consumed()` samples. A global
+    batch thus holds the same consecutive samples whatever the data-parallel size, and a resumed run, whose
+    trainer has consumed global_step x global_batch_size samples, continues with the next ones."""
+
+    def __init__(self, size: int, data_parallel: int = 1, rank: int = 0, consumed: Callable[[], int] = lambda: 0):
+        self.size, self.data_parallel, self.rank, self.consumed = size, data_parallel, rank, consumed
+
+    def _indices(self) -> range:
+        start = min(self.consumed(), self.size)
+        stop = start + (self.size - start) // self.data_parallel * self.data_parallel
+        return range(start + self.rank, stop, self.data_parallel)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())

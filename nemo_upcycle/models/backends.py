@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import stack_experts, unstack_experts
 
@@ -47,8 +48,6 @@ def build_backend(cfg: GPTConfig, backend: str = "auto", **megatron_options) -> 
         return TorchBackend(cfg)
     if backend == "megatron":
         return MegatronBackend(cfg, **megatron_options)
-    from nemo_upcycle.errors import UpcycleError
-
     raise UpcycleError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
 
 
@@ -59,6 +58,7 @@ class TorchBackend(nn.Module):
 
         self.config = cfg
         self.model = GPTModel(cfg)
+        self.sharded = False  # every process holds the whole model
 
     def forward(self, tokens: torch.Tensor) -> Step:
         out = self.model(tokens)
@@ -80,11 +80,26 @@ class MegatronBackend(nn.Module):
 
     def __init__(self, cfg: GPTConfig, use_te: bool | None = None, grouped_gemm: bool = False, **config_overrides):
         super().__init__()
-        from nemo_upcycle.compat import init_single_process_megatron
+        from megatron.core import parallel_state
+
+        from nemo_upcycle.compat import init_megatron
         from nemo_upcycle.models.megatron import build_megatron_gpt
 
-        init_single_process_megatron()
+        init_megatron()
         self.config = cfg
+        self.tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
+        self.sharded = self.tensor_parallel * parallel_state.get_expert_model_parallel_world_size() > 1
+        if cfg.is_moe and cfg.num_moe_experts % parallel_state.get_expert_model_parallel_world_size():
+            raise UpcycleError(f"{cfg.num_moe_experts} experts cannot be split over expert_model_parallel_size "
+                               f"{parallel_state.get_expert_model_parallel_world_size()}: choose a divisor")
+        config_overrides.setdefault("tensor_model_parallel_size", self.tensor_parallel)
+        config_overrides.setdefault("expert_model_parallel_size",
+                                    parallel_state.get_expert_model_parallel_world_size())
+        # Megatron trains MoE with tensor parallelism only together with sequence parallelism.
+        config_overrides.setdefault("sequence_parallel", self.tensor_parallel > 1)
+        if config_overrides["sequence_parallel"] and cfg.seq_length % self.tensor_parallel:
+            raise UpcycleError(f"seq_length {cfg.seq_length} is not divisible by tensor_model_parallel_size "
+                               f"{self.tensor_parallel} (sequence parallelism splits the sequence)")
         self.model = build_megatron_gpt(cfg, use_te=use_te, grouped_gemm=grouped_gemm, **config_overrides)
         self._counts: dict[int, torch.Tensor] = {}
         self._router_loss_scale = 1.0
@@ -96,7 +111,8 @@ class MegatronBackend(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> Step:
         from megatron.core.transformer.moe.moe_utils import (
-            MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker)
+            MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker,
+            reduce_aux_losses_tracker_across_ranks)
 
         from nemo_upcycle.models.megatron import megatron_forward
 
@@ -104,6 +120,12 @@ class MegatronBackend(nn.Module):
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(self._router_loss_scale))  # Megatron keeps it global
         self._counts.clear()
         logits = megatron_forward(self.model, tokens)
+        if self.tensor_parallel > 1:  # the output layer is vocabulary-parallel; gathering keeps the loss simple
+            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+            logits = gather_from_tensor_model_parallel_region(logits)
+        if self.sharded or torch.distributed.get_world_size() > 1:  # each rank saw part of the tokens
+            reduce_aux_losses_tracker_across_ranks()
         tracker = get_moe_layer_wise_logging_tracker()
         zero = logits.new_zeros((), dtype=torch.float32)
 
@@ -132,3 +154,15 @@ class MegatronBackend(nn.Module):
         from nemo_upcycle.models.megatron import load_reference_weights
 
         load_reference_weights(self.model, unstack_experts(state), self.config)
+
+    def load_sharded(self, path, prefix: str = "model.") -> None:
+        """This rank's shards of a torch_dist checkpoint, through Megatron's sharded loader (any TP / EP)."""
+        from nemo_upcycle.models.megatron import load_dist_checkpoint
+
+        load_dist_checkpoint(self.model, path, prefix)
+
+    def save_sharded(self, path, prefix: str = "model.") -> None:
+        """Collective: every rank writes its shards of one torch_dist checkpoint."""
+        from nemo_upcycle.models.megatron import save_dist_checkpoint
+
+        save_dist_checkpoint(self.model, path, prefix)

@@ -2,12 +2,13 @@
 transfer to and from the reference model's (local-spec) state dict.
 
 With Transformer Engine (GPUs) the TE spec is used, with grouped-GEMM experts when asked; without it, the local
-spec, with two adjustments so its checkpoints equal the TE spec's: layernorm1p norms (Megatron's torch norm
-wrapper refuses zero-centred gamma) and the `pre_mlp_layernorm` name in MoE layers.
+spec, with two adjustments so it trains and checkpoints like the TE spec: norms that allow layernorm1p and
+sequence parallelism (Megatron's torch norm wrapper refuses both) and the `pre_mlp_layernorm` name in MoE layers.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,8 +104,7 @@ def build_megatron_gpt(cfg: GPTConfig, use_te: bool | None = None, grouped_gemm:
     spec = get_gpt_decoder_block_spec(tc, use_transformer_engine=use_te)
     if not use_te:
         _checkpoint_moe_norm_like_te(spec)
-        if cfg.normalization == "layernorm1p":
-            _use_zero_centred_norms(spec)
+        _use_local_norms(spec)
     return MegatronGPTModel(
         config=tc,
         transformer_layer_spec=spec,
@@ -134,10 +134,9 @@ def _checkpoint_moe_norm_like_te(block_spec) -> None:
 
 
 class LayerNorm1P(torch.nn.LayerNorm):
-    """LayerNorm with zero-centred gamma (stored weight = gamma - 1) for Megatron's local spec, whose torch norm
-    wrapper refuses `layernorm_zero_centered_gamma`; Transformer Engine's norm does the same on GPUs."""
+    """LayerNorm with zero-centred gamma (stored weight = gamma - 1); Transformer Engine's norm does the same."""
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__(hidden_size, eps=eps)
         torch.nn.init.zeros_(self.weight)
 
@@ -145,12 +144,30 @@ class LayerNorm1P(torch.nn.LayerNorm):
         return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
 
 
-def _use_zero_centred_norms(block_spec) -> None:
+class LocalNorm:
+    """The local spec's norm. Megatron's torch norm wrapper refuses zero-centred gamma (layernorm1p) and sequence
+    parallelism, which MoE training with tensor parallelism requires; this builds the same torch norms and marks
+    their parameters `sequence_parallel` as Megatron's other norms do, so their gradients get summed over the
+    tensor-parallel ranks. A class, because Megatron's specs build classes only."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+        if config.normalization == "RMSNorm":
+            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
+        elif config.layernorm_zero_centered_gamma:
+            norm = LayerNorm1P(hidden_size, eps=eps)
+        else:
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+        return norm
+
+
+def _use_local_norms(block_spec) -> None:
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     def swap(holder, attr: str) -> None:
         if getattr(holder, attr, None) is WrappedTorchNorm:
-            setattr(holder, attr, LayerNorm1P)
+            setattr(holder, attr, LocalNorm)
 
     swap(block_spec, "layer_norm")
     for layer_spec in block_spec.layer_specs:
@@ -204,6 +221,23 @@ def load_dist_checkpoint(model, path, prefix: str = "model.") -> None:
     if missing:
         raise UpcycleError(f"{path} lacks {missing[0]} ({len(missing)} tensors missing) for this model")
     model.load_state_dict(state, strict=False)
+
+
+def model_parallel_size() -> int:
+    """Processes one model is split over (tensor x expert parallel); 1 before parallel_state is set up."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_expert_model_parallel_world_size()
+
+
+def save_dist_checkpoint(model, path, prefix: str = "model.") -> None:
+    """Every rank writes its shards into one torch_dist checkpoint with Megatron's own saver (collective)."""
+    from megatron.core import dist_checkpointing
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(prefix=prefix), str(path))
 
 
 def megatron_forward(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,20 +14,27 @@ as `nemo-upcycle convert`, so both give identical weights. The model config is N
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+import yaml
 from lightning.pytorch import Trainer
 from nemo.core.classes import ModelPT
 from nemo.core.classes.common import ALLOWED_TARGET_PREFIXES
 from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+from nemo.utils.get_rank import is_global_rank_zero
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_upcycle.checkpoint import CheckpointReader, Tokenizer, open_checkpoint
+from nemo_upcycle.checkpoint.megatron import write_megatron_dist
 from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
+from nemo_upcycle.checkpoint.nemo import NEMO_PREFIX, NemoReader, NemoWriter
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
 from nemo_upcycle.convert import check_tensors
 from nemo_upcycle.errors import UpcycleError
@@ -54,15 +61,25 @@ class UpcycleSaveRestoreConnector(SaveRestoreConnector):
     NeMo 1.x's torch_dist `.nemo`, so NeMo, Megatron-LM and the converter all read what the model saves."""
 
     def save_to(self, model: "MegatronUpcycledGPTModel", save_path: str) -> None:
-        from nemo.utils.get_rank import is_global_rank_zero
+        if model.backend.sharded:  # NeMo calls every rank here when AppState.model_parallel_size > 1
+            self._save_model_parallel(model, save_path)
+        elif is_global_rank_zero():
+            ckpt = model.as_checkpoint()
+            self._write(ckpt, ckpt, save_path)
 
-        from nemo_upcycle.checkpoint.nemo import NemoWriter
-
-        if not is_global_rank_zero():
-            return
-        ckpt = model.as_checkpoint()
+    def _write(self, weights: CheckpointReader, meta: CheckpointReader, save_path: str) -> None:
         writer = NemoWriter(Path(save_path), overwrite=True, pack=self.pack_nemo_file)
-        writer.write(ckpt.config, ckpt.tensors(), lambda name: ckpt.read([name])[name], ckpt)
+        writer.write(weights.config, weights.tensors(), lambda name: weights.read([name])[name], meta)
+
+    def _save_model_parallel(self, model: "MegatronUpcycledGPTModel", save_path: str) -> None:
+        """Every rank saves its shards with Megatron's saver; rank 0 streams them into the .nemo layer by layer."""
+        with shared_tmpdir() as tmp:
+            model.backend.save_sharded(tmp / "model_weights", NEMO_PREFIX)
+            if is_global_rank_zero():
+                (tmp / "model_config.yaml").write_text(yaml.safe_dump(nemo_config_from_gpt(model.gpt_config)))
+                meta = InMemoryCheckpoint(model.gpt_config, {}, tokenizer=model._packaged_tokenizer())
+                with NemoReader(tmp) as weights:
+                    self._write(weights, meta, save_path)
 
     def restore_from(self, calling_cls, restore_path: str, override_config_path=None, map_location=None,
                      strict: bool = True, return_config: bool = False, trainer: Trainer | None = None,
@@ -81,6 +98,19 @@ class UpcycleSaveRestoreConnector(SaveRestoreConnector):
         if map_location is not None:
             instance.to(map_location)
         return instance
+
+
+@contextmanager
+def shared_tmpdir() -> Iterator[Path]:
+    """A temporary directory made by rank 0 and used by every rank (one node, or TMPDIR on a shared filesystem)."""
+    name = [tempfile.mkdtemp(prefix="nemo-upcycle-") if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(name, src=0)
+    try:
+        yield Path(name[0])
+    finally:
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(name[0], ignore_errors=True)
 
 
 def model_config_for(gpt: GPTConfig, base: dict[str, Any] | None, tokenizer: Tokenizer | None) -> DictConfig:
@@ -142,7 +172,17 @@ class MegatronUpcycledGPTModel(ModelPT):
         self.load_canonical_state_dict(reader.state_dict())
 
     def load_canonical_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.backend.load_canonical_state_dict(state)
+        if not self.backend.sharded:
+            self.backend.load_canonical_state_dict(state)
+            return
+        # Split over ranks: rank 0 writes the weights once, every rank reads its shards with Megatron's loader.
+        with shared_tmpdir() as tmp:
+            if torch.distributed.get_rank() == 0:
+                ckpt = InMemoryCheckpoint(self.gpt_config, state)
+                write_megatron_dist(tmp / "model_weights", self.gpt_config, ckpt.tensors(),
+                                    lambda name: ckpt.read([name])[name], NEMO_PREFIX)
+            torch.distributed.barrier()
+            self.backend.load_sharded(tmp / "model_weights", NEMO_PREFIX)
 
     def as_checkpoint(self) -> InMemoryCheckpoint:
         """This model's weights, config and tokenizer as a checkpoint any writer can save."""
@@ -214,6 +254,15 @@ class MegatronUpcycledGPTModel(ModelPT):
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["tokens"].shape[0])
         return loss
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the norm of the whole model's gradient, also when it is split over tensor / expert ranks."""
+        if self.backend.sharded and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            from nemo_upcycle.train.parallel import clip_grad_norm_
+
+            clip_grad_norm_(self, float(gradient_clip_val))
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def setup_optimizer_param_groups(self) -> None:
         """No weight decay on norms and biases (Megatron's default)."""
         decay, no_decay = [], []
@@ -232,6 +281,7 @@ class MegatronUpcycledGPTModel(ModelPT):
         """Train / valid datasets sized from the trainer: max_steps global batches, and limit_val_batches
         micro-batches at every validation (10 when the limit is a fraction)."""
         from nemo_upcycle.data.datasets import build_gpt_datasets
+        from nemo_upcycle.train.parallel import data_parallel_size
 
         if getattr(self, "_splits", None) is None:
             trainer = self._trainer
@@ -244,22 +294,28 @@ class MegatronUpcycledGPTModel(ModelPT):
                 list(data_cfg.data_prefix), self.tokenizer, self.gpt_config.seq_length,
                 split=data_cfg.get("splits_string", "949,50,1"),
                 num_samples=(trainer.max_steps * int(self.cfg.global_batch_size),
-                             validations * val_batches * int(self.cfg.micro_batch_size), 0),
+                             validations * val_batches * int(self.cfg.micro_batch_size) * data_parallel_size(), 0),
                 seed=int(data_cfg.get("seed", 1234)), cache_dir=data_cfg.get("index_cache_dir"),
             )
         return self._splits
 
-    def _loader(self, dataset, shuffle: bool):
+    def _loader(self, dataset, resumes: bool):
+        """Megatron's order (see MegatronOrderSampler); the training loader continues where a resumed run was."""
         if dataset is None:
             return None
-        return torch.utils.data.DataLoader(dataset, batch_size=int(self.cfg.micro_batch_size), shuffle=shuffle,
+        from nemo_upcycle.data.datasets import MegatronOrderSampler
+        from nemo_upcycle.train.parallel import data_parallel_rank, data_parallel_size
+
+        consumed = (lambda: self.trainer.global_step * int(self.cfg.global_batch_size)) if resumes else (lambda: 0)
+        sampler = MegatronOrderSampler(len(dataset), data_parallel_size(), data_parallel_rank(), consumed)
+        return torch.utils.data.DataLoader(dataset, batch_size=int(self.cfg.micro_batch_size), sampler=sampler,
                                            num_workers=int(self.cfg.data.get("num_workers", 0)), drop_last=True)
 
     def setup_training_data(self, train_data_config: DictConfig) -> None:
-        self._train_dl = self._loader(self._datasets(train_data_config).train, shuffle=False)
+        self._train_dl = self._loader(self._datasets(train_data_config).train, resumes=True)
 
     def setup_validation_data(self, val_data_config: DictConfig) -> None:
-        self._validation_dl = self._loader(self._datasets(val_data_config).valid, shuffle=False)
+        self._validation_dl = self._loader(self._datasets(val_data_config).valid, resumes=False)
 
     @classmethod
     def list_available_models(cls) -> list:

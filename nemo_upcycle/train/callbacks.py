@@ -27,7 +27,7 @@ class ExpertLoadMonitor(Callback):
             self.loads.append([c / c.sum().clamp(min=1) for c in loads])
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.path is not None and self.loads:
+        if self.path is not None and self.loads and trainer.is_global_zero:
             plot_expert_load(self.steps, self.loads, self.path)
 
 

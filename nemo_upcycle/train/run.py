@@ -3,6 +3,8 @@
     nemo-upcycle train restore_from=moe.nemo data.data_prefix=[data/stdlib_text_document] trainer.max_steps=200
     nemo-upcycle train restore_from=dense.nemo +upcycle.shorthand=E8G8T8     # upcycle in memory, then train
     nemo-upcycle train model=tiny_cpu data.data_prefix=[...]                 # from scratch (the dense baseline)
+    torchrun --nproc-per-node 4 -m nemo_upcycle.cli train restore_from=moe.nemo backend=megatron \
+        tensor_model_parallel_size=2 expert_model_parallel_size=2              # several processes (parallel.py)
 
 Arguments are Hydra overrides of conf/train.yaml (groups: model, data, trainer, optim). Logs, TensorBoard and
 checkpoints go to <exp_manager.exp_dir>/<name>/ (resumed automatically when present); the trained model is saved
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ class TrainResult:
     metrics: dict[str, float]
     expert_load_png: Path | None
     loss_history: tuple[list[int], list[float]]  # (tokens seen, training LM loss) per micro-batch
+    global_rank: int = 0  # this process, in a multi-process run
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
@@ -78,19 +82,45 @@ def build_model(cfg: DictConfig, trainer=None):
     return MegatronUpcycledGPTModel(cfg=OmegaConf.create(model_cfg), trainer=trainer)
 
 
+def _parallel_set_up(cfg: DictConfig, trainer_args: dict[str, Any]) -> int:
+    """Under torchrun, one Lightning process per device with Megatron's parallel groups (set in trainer_args);
+    returns the data-parallel size."""
+    from nemo_upcycle.models.backends import default_backend
+    from nemo_upcycle.train.parallel import MegatronParallelStrategy, check_parallel_sizes
+
+    tp, ep = int(cfg.tensor_model_parallel_size), int(cfg.expert_model_parallel_size)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 and tp * ep > 1:
+        raise UpcycleError(f"tensor_model_parallel_size {tp} x expert_model_parallel_size {ep} needs {tp * ep} "
+                           f"processes: launch with torchrun --nproc-per-node {tp * ep} -m nemo_upcycle.cli train ...")
+    check_parallel_sizes(world, tp, ep, default_backend() if cfg.backend == "auto" else cfg.backend)
+    if world == 1:
+        return 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    trainer_args.update(devices=local, num_nodes=world // local, use_distributed_sampler=False,
+                        strategy=MegatronParallelStrategy(
+        tp, ep, process_group_backend="nccl" if trainer_args.get("accelerator") == "gpu" else "gloo"))
+    return world // tp
+
+
 def train(cfg: DictConfig) -> TrainResult:
     import lightning.pytorch as pl
     from nemo.utils.exp_manager import exp_manager
 
     from nemo_upcycle.train.callbacks import ExpertLoadMonitor, LossHistory
+    from nemo_upcycle.train.parallel import MegatronParallelStrategy
 
-    if cfg.global_batch_size % cfg.micro_batch_size:
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    data_parallel = _parallel_set_up(cfg, trainer_args)
+    if cfg.global_batch_size % (cfg.micro_batch_size * data_parallel):
         raise UpcycleError(f"global_batch_size {cfg.global_batch_size} is not a multiple of micro_batch_size "
-                           f"{cfg.micro_batch_size}")
+                           f"{cfg.micro_batch_size} x {data_parallel} data-parallel ranks")
     pl.seed_everything(cfg.seed, workers=True)
     monitor, history = ExpertLoadMonitor(), LossHistory()
-    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=[monitor, history],
-                         accumulate_grad_batches=cfg.global_batch_size // cfg.micro_batch_size)
+    trainer = pl.Trainer(**trainer_args, callbacks=[monitor, history],
+                         accumulate_grad_batches=cfg.global_batch_size // (cfg.micro_batch_size * data_parallel))
+    if isinstance(trainer.strategy, MegatronParallelStrategy):
+        trainer.strategy.setup_environment()  # parallel_state must exist before the Megatron model is built
     em = OmegaConf.to_container(cfg.exp_manager, resolve=True)
     em.setdefault("name", cfg.name)
     exp_dir = Path(exp_manager(trainer, OmegaConf.create(em)))
@@ -105,9 +135,10 @@ def train(cfg: DictConfig) -> TrainResult:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     result = TrainResult(model, exp_dir, nemo_path, trainer.global_step, seconds, metrics,
                          monitor.path if monitor.path is not None and monitor.path.exists() else None,
-                         (history.tokens, history.losses))
-    (exp_dir / "train_summary.json").write_text(json.dumps(
-        {"steps": result.steps, "seconds": seconds, "nemo": str(nemo_path), "metrics": metrics}, indent=2))
+                         (history.tokens, history.losses), trainer.global_rank)
+    if trainer.is_global_zero:
+        (exp_dir / "train_summary.json").write_text(json.dumps(
+            {"steps": result.steps, "seconds": seconds, "nemo": str(nemo_path), "metrics": metrics}, indent=2))
     return result
 
 
@@ -115,7 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="Hydra overrides of conf/train.yaml, e.g. restore_from=moe.nemo trainer.max_steps=200 "
                              "data.data_prefix=[data/stdlib_text_document] backend=megatron optim.lr=1e-4 "
-                             "+upcycle.shorthand=E8G8T8 (upcycle a dense restore_from in memory first)")
+                             "+upcycle.shorthand=E8G8T8 (upcycle a dense restore_from in memory first); under "
+                             "torchrun also tensor_model_parallel_size=N expert_model_parallel_size=M (the rest of "
+                             "the process count is data parallelism)")
     parser.add_argument("--config-name", default="train", help="config in conf/ to start from (default: train)")
     parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
 
@@ -126,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         print(OmegaConf.to_yaml(cfg))
         return 0
     result = train(cfg)
+    if result.global_rank != 0:
+        return 0
     from nemo_upcycle.report import markdown_table
 
     rows = [["steps", result.steps], ["seconds", f"{result.seconds:.1f}"], ["model", str(result.nemo_path)],
