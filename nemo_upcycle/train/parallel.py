@@ -76,19 +76,18 @@ def reduce_gradients(module: torch.nn.Module) -> None:
 def clip_grad_norm_(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """torch's clip_grad_norm_ over the whole model when it is split over ranks: each shard counted once
     (replicas of tensor-parallel-duplicated parameters only on tensor-parallel rank 0), dense shards summed over
-    the tensor-parallel group, expert shards over the expert tensor-and-expert-parallel group, as Megatron does."""
+    the tensor-parallel group, expert shards over the expert tensor-and-expert-parallel group, as Megatron does
+    (Megatron's own clip_grads needs CUDA multi-tensor kernels, so it cannot run the CPU tests)."""
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    squares = torch.zeros(2, dtype=torch.float64)  # (dense, expert)
-    grads = []
-    for p in module.parameters():
-        if p.grad is None:
-            continue
-        grads.append(p.grad)
+    params = [p for p in module.parameters() if p.grad is not None]
+    squares = torch.zeros(2, dtype=torch.float64, device=params[0].device if params else "cpu")  # dense, expert
+    for p in params:
         if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            squares[0 if getattr(p, "allreduce", True) else 1] += p.grad.double().pow(2).sum().cpu()
-    dense, expert = squares.to(grads[0].device if grads else "cpu").unbind()
+            squares[0 if getattr(p, "allreduce", True) else 1] += p.grad.double().pow(2).sum()
+    grads = [p.grad for p in params]
+    dense, expert = squares.unbind()
     dist.all_reduce(dense, group=parallel_state.get_tensor_model_parallel_group())
     dist.all_reduce(expert, group=parallel_state.get_expert_tensor_and_model_parallel_group())
     total = (dense + expert).sqrt()
@@ -113,7 +112,7 @@ def _all_reduce(params: list[torch.nn.Parameter], group, scale: float) -> None:
 
 
 class MegatronParallelStrategy(DDPStrategy):
-    """Lightning's process set-up (torchrun or its own launcher), Megatron's parallel groups."""
+    """Lightning's process set-up from torchrun's environment, Megatron's parallel groups and gradient rules."""
 
     def __init__(self, tensor_parallel: int = 1, expert_parallel: int = 1, **kwargs: Any):
         super().__init__(**kwargs)
