@@ -88,13 +88,13 @@ class MegatronBackend(nn.Module):
         init_megatron()
         self.config = cfg
         self.tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
-        self.sharded = self.tensor_parallel * parallel_state.get_expert_model_parallel_world_size() > 1
-        if cfg.is_moe and cfg.num_moe_experts % parallel_state.get_expert_model_parallel_world_size():
+        expert_parallel = parallel_state.get_expert_model_parallel_world_size()
+        self.sharded = self.tensor_parallel * expert_parallel > 1
+        if cfg.is_moe and cfg.num_moe_experts % expert_parallel:
             raise UpcycleError(f"{cfg.num_moe_experts} experts cannot be split over expert_model_parallel_size "
-                               f"{parallel_state.get_expert_model_parallel_world_size()}: choose a divisor")
+                               f"{expert_parallel}: choose a divisor")
         config_overrides.setdefault("tensor_model_parallel_size", self.tensor_parallel)
-        config_overrides.setdefault("expert_model_parallel_size",
-                                    parallel_state.get_expert_model_parallel_world_size())
+        config_overrides.setdefault("expert_model_parallel_size", expert_parallel)
         # Megatron trains MoE with tensor parallelism only together with sequence parallelism.
         config_overrides.setdefault("sequence_parallel", self.tensor_parallel > 1)
         if config_overrides["sequence_parallel"] and cfg.seq_length % self.tensor_parallel:

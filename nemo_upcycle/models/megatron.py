@@ -223,15 +223,6 @@ def load_dist_checkpoint(model, path, prefix: str = "model.") -> None:
     model.load_state_dict(state, strict=False)
 
 
-def model_parallel_size() -> int:
-    """Processes one model is split over (tensor x expert parallel); 1 before parallel_state is set up."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 1
-    return parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_expert_model_parallel_world_size()
-
-
 def save_dist_checkpoint(model, path, prefix: str = "model.") -> None:
     """Every rank writes its shards into one torch_dist checkpoint with Megatron's own saver (collective)."""
     from megatron.core import dist_checkpointing

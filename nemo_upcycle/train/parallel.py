@@ -1,13 +1,14 @@
 """Training on several processes: data, tensor and expert parallelism from Megatron's parallel_state, in Lightning.
 
     torchrun --nproc-per-node 4 -m nemo_upcycle.cli train restore_from=moe.nemo backend=megatron \
-        trainer.devices=4 tensor_model_parallel_size=2 expert_model_parallel_size=2
+        tensor_model_parallel_size=2 expert_model_parallel_size=2
 
 Lightning's own DDP would average every gradient over every process, which mixes tensor-parallel shards and
 expert shards into each other. This strategy instead sets up parallel_state and reduces gradients the way
-Megatron's finalize_model_grads does without pipeline or sequence parallelism: parameters Megatron marks
-`allreduce=False` (experts) over the expert-data-parallel group, the rest over the data-parallel group, both
-divided by the data-parallel size, as the loss is a mean over the data-parallel ranks' micro-batches. The
+Megatron's finalize_model_grads does without pipeline parallelism: sequence-parallel and q/k norms summed over
+the tensor-parallel group, then parameters Megatron marks `allreduce=False` (experts) over the
+expert-data-parallel group and the rest over the data-parallel group, both divided by the data-parallel size,
+as the loss is a mean over the data-parallel ranks' micro-batches. The
 model's data loaders give each data-parallel rank its own samples (tensor-parallel ranks read the same ones),
 and gradient-norm clipping counts every shard once. Lightning checkpoints hold one file per model-parallel
 rank. Pipeline parallelism needs Megatron's schedules: use NeMo or Megatron-LM for that.
