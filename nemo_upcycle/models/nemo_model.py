@@ -169,18 +169,24 @@ class MegatronUpcycledGPTModel(ModelPT):
         """Weights from any checkpoint reader, after checking names and shapes against this model."""
         if strict:
             check_tensors(reader.tensors(), self.gpt_config, "the checkpoint")
-        self.load_canonical_state_dict(reader.state_dict())
+        if self.backend.sharded:
+            self._load_sharded(reader)
+        else:
+            self.backend.load_canonical_state_dict(reader.state_dict())
 
     def load_canonical_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.backend.sharded:
+        if self.backend.sharded:
+            self._load_sharded(InMemoryCheckpoint(self.gpt_config, state))
+        else:
             self.backend.load_canonical_state_dict(state)
-            return
-        # Split over ranks: rank 0 writes the weights once, every rank reads its shards with Megatron's loader.
+
+    def _load_sharded(self, source: CheckpointReader) -> None:
+        """Split over ranks: rank 0 streams the weights once into a torch_dist checkpoint, tensor by tensor, and
+        every rank reads only its shards with Megatron's loader."""
         with shared_tmpdir() as tmp:
             if torch.distributed.get_rank() == 0:
-                ckpt = InMemoryCheckpoint(self.gpt_config, state)
-                write_megatron_dist(tmp / "model_weights", self.gpt_config, ckpt.tensors(),
-                                    lambda name: ckpt.read([name])[name], NEMO_PREFIX)
+                write_megatron_dist(tmp / "model_weights", self.gpt_config, source.tensors(),
+                                    lambda name: source.read([name])[name], NEMO_PREFIX)
             torch.distributed.barrier()
             self.backend.load_sharded(tmp / "model_weights", NEMO_PREFIX)
 
