@@ -1,5 +1,6 @@
 """Tokenizers behind one small interface, so preprocessing, datasets and training never ask which library made
-the ids: `vocab_size`, `eod`, `bos_id`, `encode(text)` (no special tokens added), `decode(ids)` and
+the ids: `vocab_size`, `eod`, `bos_id`, `encode(text)` (no special tokens added; `add_special_tokens=True` adds
+what the tokenizer adds by default, as Hugging Face's `encode` does: evaluation needs it), `decode(ids)` and
 `unique_identifiers` (what Megatron-core's datasets put in their cache keys; it holds the tokenizer file's
 checksum, so a changed tokenizer never reuses stale indices).
 
@@ -32,7 +33,7 @@ class Tokenizer(Protocol):
     bos_id: int | None
     unique_identifiers: dict
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -48,8 +49,8 @@ class ByteTokenizer:
     def unique_identifiers(self) -> dict:
         return {"class": "ByteTokenizer"}
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))  # no special tokens to add
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -76,8 +77,10 @@ class SentencePieceTokenizer:
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.unique_identifiers = {"class": "SentencePieceTokenizer", "sha256": hashlib.sha256(proto).hexdigest()}
 
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text, out_type=int)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        # special tokens: BOS, as the LlamaTokenizer our Hugging Face export writes for it adds (add_bos_token)
+        ids = self._sp.encode(text, out_type=int)
+        return [self.bos_id] + ids if add_special_tokens and self.bos_id is not None else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -108,9 +111,9 @@ class HFTokenizer:
         self.bos_id = self._tok.bos_token_id
         self.unique_identifiers = {"class": "HFTokenizer", "sha256": _sha256_files(files)}
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         # verbose=False: documents longer than model_max_length are expected here, not an error.
-        return self._tok.encode(text, add_special_tokens=False, verbose=False)
+        return self._tok.encode(text, add_special_tokens=add_special_tokens, verbose=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
