@@ -6,7 +6,8 @@ checksum, so a changed tokenizer never reuses stale indices).
 
 Three kinds: `ByteTokenizer` (UTF-8 bytes; needs no file), `SentencePieceTokenizer` (a `.model` file, the
 Nemotron / Llama family) and `HFTokenizer` (a local Hugging Face tokenizer folder). `load_tokenizer` reads the
-`tokenizer:` section of a NeMo 1.x `model_config.yaml`; `tokenizer_from_spec` turns a `--tokenizer` argument
+`tokenizer:` section of a NeMo 1.x `model_config.yaml` (a Hugging Face tokenizer's files packed in the .nemo as
+`nemo:` artifacts, see HF_TOKENIZER_ARTIFACTS, so the .nemo needs no outside folder); `tokenizer_from_spec` turns a `--tokenizer` argument
 (`byte`, a `.nemo` file, a `.model` file or a Hugging Face folder) into a tokenizer. Every tokenizer is held in
 memory once built and pickles without its files, so worker processes get it whole and temporary files can go.
 """
@@ -14,7 +15,9 @@ memory once built and pickles without its files, so worker processes get it whol
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -91,6 +94,24 @@ _HF_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.js
                        "*.model", "*.tiktoken")
 
 
+# The Hugging Face tokenizer files a .nemo carries as `nemo:` artifacts, and the `tokenizer:` keys naming them
+# (vocab_file and merge_file are NeMo's own keys for a BPE vocabulary and its merges).
+HF_TOKENIZER_ARTIFACTS = {"tokenizer.json": "tokenizer_file", "tokenizer_config.json": "tokenizer_config_file",
+                          "special_tokens_map.json": "special_tokens_file", "added_tokens.json": "added_tokens_file",
+                          "vocab.json": "vocab_file", "merges.txt": "merge_file",
+                          "chat_template.jinja": "chat_template_file", "chat_template.json": "chat_template_json_file"}
+
+
+def packed_hf_files(cfg: Mapping) -> dict[str, str]:
+    """File name -> artifact name (`nemo:` dropped) of the Hugging Face tokenizer files a tokenizer section packs."""
+    out = {}
+    for filename, key in HF_TOKENIZER_ARTIFACTS.items():
+        value = str(cfg.get(key) or "")
+        if value.startswith("nemo:"):
+            out[filename] = value[len("nemo:"):]
+    return out
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer from a local folder (offline: `local_files_only=True`); its eos ends documents."""
 
@@ -154,7 +175,14 @@ def load_tokenizer(cfg: Mapping, resolve: Callable[[str], Path] | None = None) -
 
     if library == "sentencepiece":
         return SentencePieceTokenizer(path("model"))
-    if library == "huggingface":
+    if library == "huggingface" and packed_hf_files(cfg):
+        # the files under their own names in a folder of their own, which AutoTokenizer reads into memory
+        with tempfile.TemporaryDirectory(prefix="nemo-upcycle-hf-tok-") as folder:
+            for filename, key in HF_TOKENIZER_ARTIFACTS.items():
+                if cfg.get(key):
+                    shutil.copyfile(path(key), Path(folder) / filename)
+            return HFTokenizer(folder)
+    if library == "huggingface":  # an older .nemo: `type` is a local tokenizer folder
         return HFTokenizer(path("type"))
     if library == "byte":
         return ByteTokenizer()

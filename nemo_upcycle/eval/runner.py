@@ -87,8 +87,8 @@ def evaluate_models(models: Mapping[str, ModelAndTokenizer] | Iterable[tuple[str
     (mmlu_data.sample_questions); `limit` is lm-eval's (the first N of every task)."""
     tasks = list(tasks)
     pairs = models.items() if isinstance(models, Mapping) else models
-    with _task_manager(tasks, data_dir, num_fewshot, sample, sample_seed) as task_manager:
-        return {name: _evaluate(model, tokenizer, tasks, task_manager, num_fewshot=num_fewshot, limit=limit,
+    with task_manager(tasks, data_dir, num_fewshot, sample, sample_seed) as manager:
+        return {name: _evaluate(model, tokenizer, tasks, manager, num_fewshot=num_fewshot, limit=limit,
                                 add_bos_token=add_bos_token, batch_size=batch_size, max_length=max_length,
                                 log_samples=log_samples)
                 for name, (model, tokenizer) in pairs}
@@ -117,9 +117,10 @@ def run_eval(options: EvalOptions) -> str:
 
 # ---- internals ----------------------------------------------------------------------------------------------------
 @contextmanager
-def _task_manager(tasks: list[str], data_dir: str | Path | None, num_fewshot: int, sample: int | None,
-                  sample_seed: int) -> Iterator["TaskManager"]:
-    """A TaskManager that knows every requested task; local MMLU configs and data live in a temporary folder."""
+def task_manager(tasks: list[str], data_dir: str | Path | None, num_fewshot: int = 0, sample: int | None = None,
+                 sample_seed: int = 1234) -> Iterator["TaskManager"]:
+    """A TaskManager that knows every requested task; local MMLU configs and data live in a temporary folder.
+    Public so that any lm-eval model (e.g. lm-eval's own `hf`) can be scored on the very same local tasks."""
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     from lm_eval.tasks import TaskManager
