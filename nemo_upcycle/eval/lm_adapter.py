@@ -72,8 +72,11 @@ class ModelLM(TemplateLM):
                 add = False
         ids = self.tokenizer.encode(string, add_special_tokens=True if add is None else add)
         bos = getattr(self.tokenizer, "bos_id", None)
-        if add_special_tokens is None and self.add_bos_token and bos is not None and ids[:1] != [bos]:
-            ids = [bos] + ids  # HFLM builds its tokenizer with add_bos_token=True, which prepends BOS
+        if add and self.add_bos_token is not None and bos is not None:
+            # HFLM builds its tokenizer with add_bos_token set: special tokens then include BOS, or leave it out,
+            # whatever the tokenizer's own default
+            ids = ids[1:] if ids[:1] == [bos] else ids
+            ids = [bos] + ids if self.add_bos_token else ids
         return ids
 
     def _log_probs(self, inputs: Sequence[list[int]], keep: Sequence[int]) -> list[torch.Tensor]:
