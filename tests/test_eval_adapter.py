@@ -20,7 +20,8 @@ MAX_LEN = 24
 
 @pytest.fixture(scope="module")
 def gpt():
-    # the output layer is padded past the tokenizer's 257 ids, as Megatron pads it
+    # the output layer is padded past the tokenizer's 257 ids, as Megatron pads it: like lm-eval's HFLM, the
+    # softmax covers every row (no cut to the tokenizer's size)
     return random_model(small_config(vocab_size=320, seq_length=MAX_LEN), scale=0.5)
 
 
@@ -29,9 +30,9 @@ def requests(kind: str, args: list[tuple]) -> list[Instance]:
 
 
 def log_probs(model, ids: list[int]) -> torch.Tensor:
-    """Log-softmax over the tokenizer's ids of one unpadded sequence, no batching."""
+    """Log-softmax over all the model's logits of one unpadded sequence, no batching."""
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0, :, : TOK.vocab_size].float().log_softmax(-1)
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
 
 
 def reference_loglikelihood(model, context: str, continuation: str) -> tuple[float, bool]:

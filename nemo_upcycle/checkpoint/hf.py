@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, Tokenizer, model_order
+from nemo_upcycle.data.tokenizers import HF_TOKENIZER_ARTIFACTS
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models import hf as hf_names
 from nemo_upcycle.models.keys import layer_index
@@ -135,7 +136,14 @@ class HFReader(CheckpointReader):
                               "vocab_file": None, "merge_file": None, "delimiter": None,
                               "sentencepiece_legacy": False}, {name: spm.read_bytes()})
         if (self.path / "tokenizer.json").is_file():
-            return Tokenizer({"library": "huggingface", "type": str(self.path.resolve()), "use_fast": True})
+            # the files themselves travel as `nemo:` artifacts: the output never needs this folder again
+            config: dict[str, Any] = {"library": "huggingface", "type": self.path.name, "use_fast": True}
+            artifacts = {}
+            for filename, key in HF_TOKENIZER_ARTIFACTS.items():
+                if (self.path / filename).is_file():
+                    name = f"{uuid.uuid4().hex}_{filename}"
+                    config[key], artifacts[name] = f"nemo:{name}", (self.path / filename).read_bytes()
+            return Tokenizer(config, artifacts)
         return None
 
     def tensors(self) -> dict[str, TensorInfo]:

@@ -24,6 +24,7 @@ import torch
 from nemo_upcycle.checkpoint.archive import atomic_output
 from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, Fetch, TensorInfo, model_order
 from nemo_upcycle.checkpoint.hf import CARRIED_FILES, HFReader
+from nemo_upcycle.data.tokenizers import packed_hf_files
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models import hf as hf_names
 from nemo_upcycle.models.config import GPTConfig
@@ -187,8 +188,8 @@ def special_token_ids(source: CheckpointReader) -> dict[str, Any]:
 def tokenizer_files(source: CheckpointReader) -> dict[str, bytes]:
     """The tokenizer files the export carries: a Hugging Face source's own (and its generation_config.json);
     a SentencePiece model (.nemo, Megatron) as tokenizer.model with a LlamaTokenizer tokenizer_config.json;
-    a .nemo's Hugging Face tokenizer folder, when it is a local folder. Nothing otherwise (serve with
-    --tokenizer)."""
+    a .nemo's Hugging Face tokenizer files (its artifacts, or an older .nemo's local folder). Nothing otherwise
+    (serve with --tokenizer)."""
     if isinstance(source, HFReader):
         return {name: path.read_bytes() for name, path in source.carried_files.items()}
     tok = source.tokenizer
@@ -205,6 +206,9 @@ def tokenizer_files(source: CheckpointReader) -> dict[str, bytes]:
                   "clean_up_tokenization_spaces": False}
         return {"tokenizer.model": sp.serialized_model_proto(),
                 "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+    packed = packed_hf_files(tok.config) if tok.config.get("library") == "huggingface" else {}
+    if packed:
+        return {filename: tok.artifacts[name] for filename, name in packed.items()}
     folder = Path(str(tok.config.get("type") or ""))
     if tok.config.get("library") == "huggingface" and folder.is_dir():
         return {n: (folder / n).read_bytes() for n in CARRIED_FILES if (folder / n).is_file()}

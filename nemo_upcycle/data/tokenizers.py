@@ -1,11 +1,13 @@
 """Tokenizers behind one small interface, so preprocessing, datasets and training never ask which library made
-the ids: `vocab_size`, `eod`, `bos_id`, `encode(text)` (no special tokens added), `decode(ids)` and
+the ids: `vocab_size`, `eod`, `bos_id`, `encode(text)` (no special tokens added; `add_special_tokens=True` adds
+what the tokenizer adds by default, as Hugging Face's `encode` does: evaluation needs it), `decode(ids)` and
 `unique_identifiers` (what Megatron-core's datasets put in their cache keys; it holds the tokenizer file's
 checksum, so a changed tokenizer never reuses stale indices).
 
 Three kinds: `ByteTokenizer` (UTF-8 bytes; needs no file), `SentencePieceTokenizer` (a `.model` file, the
 Nemotron / Llama family) and `HFTokenizer` (a local Hugging Face tokenizer folder). `load_tokenizer` reads the
-`tokenizer:` section of a NeMo 1.x `model_config.yaml`; `tokenizer_from_spec` turns a `--tokenizer` argument
+`tokenizer:` section of a NeMo 1.x `model_config.yaml` (a Hugging Face tokenizer's files packed in the .nemo as
+`nemo:` artifacts, see HF_TOKENIZER_ARTIFACTS, so the .nemo needs no outside folder); `tokenizer_from_spec` turns a `--tokenizer` argument
 (`byte`, a `.nemo` file, a `.model` file or a Hugging Face folder) into a tokenizer. Every tokenizer is held in
 memory once built and pickles without its files, so worker processes get it whole and temporary files can go.
 """
@@ -13,7 +15,9 @@ memory once built and pickles without its files, so worker processes get it whol
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -32,7 +36,7 @@ class Tokenizer(Protocol):
     bos_id: int | None
     unique_identifiers: dict
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -48,8 +52,8 @@ class ByteTokenizer:
     def unique_identifiers(self) -> dict:
         return {"class": "ByteTokenizer"}
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))  # no special tokens to add
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -76,8 +80,10 @@ class SentencePieceTokenizer:
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.unique_identifiers = {"class": "SentencePieceTokenizer", "sha256": hashlib.sha256(proto).hexdigest()}
 
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text, out_type=int)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        # special tokens: BOS, as the LlamaTokenizer our Hugging Face export writes for it adds (add_bos_token)
+        ids = self._sp.encode(text, out_type=int)
+        return [self.bos_id] + ids if add_special_tokens and self.bos_id is not None else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -86,6 +92,24 @@ class SentencePieceTokenizer:
 # The files AutoTokenizer reads from a folder: hashed for the cache key; model weights next to them are not.
 _HF_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges*", "special_tokens_map.json", "added_tokens.json",
                        "*.model", "*.tiktoken")
+
+
+# The Hugging Face tokenizer files a .nemo carries as `nemo:` artifacts, and the `tokenizer:` keys naming them
+# (vocab_file and merge_file are NeMo's own keys for a BPE vocabulary and its merges).
+HF_TOKENIZER_ARTIFACTS = {"tokenizer.json": "tokenizer_file", "tokenizer_config.json": "tokenizer_config_file",
+                          "special_tokens_map.json": "special_tokens_file", "added_tokens.json": "added_tokens_file",
+                          "vocab.json": "vocab_file", "merges.txt": "merge_file",
+                          "chat_template.jinja": "chat_template_file", "chat_template.json": "chat_template_json_file"}
+
+
+def packed_hf_files(cfg: Mapping) -> dict[str, str]:
+    """File name -> artifact name (`nemo:` dropped) of the Hugging Face tokenizer files a tokenizer section packs."""
+    out = {}
+    for filename, key in HF_TOKENIZER_ARTIFACTS.items():
+        value = str(cfg.get(key) or "")
+        if value.startswith("nemo:"):
+            out[filename] = value[len("nemo:"):]
+    return out
 
 
 class HFTokenizer:
@@ -108,9 +132,9 @@ class HFTokenizer:
         self.bos_id = self._tok.bos_token_id
         self.unique_identifiers = {"class": "HFTokenizer", "sha256": _sha256_files(files)}
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         # verbose=False: documents longer than model_max_length are expected here, not an error.
-        return self._tok.encode(text, add_special_tokens=False, verbose=False)
+        return self._tok.encode(text, add_special_tokens=add_special_tokens, verbose=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
@@ -151,7 +175,14 @@ def load_tokenizer(cfg: Mapping, resolve: Callable[[str], Path] | None = None) -
 
     if library == "sentencepiece":
         return SentencePieceTokenizer(path("model"))
-    if library == "huggingface":
+    if library == "huggingface" and packed_hf_files(cfg):
+        # the files under their own names in a folder of their own, which AutoTokenizer reads into memory
+        with tempfile.TemporaryDirectory(prefix="nemo-upcycle-hf-tok-") as folder:
+            for filename, key in HF_TOKENIZER_ARTIFACTS.items():
+                if cfg.get(key):
+                    shutil.copyfile(path(key), Path(folder) / filename)
+            return HFTokenizer(folder)
+    if library == "huggingface":  # an older .nemo: `type` is a local tokenizer folder
         return HFTokenizer(path("type"))
     if library == "byte":
         return ByteTokenizer()

