@@ -221,15 +221,30 @@ class MegatronEngine:
             for chunk in self.chunks:
                 chunk.start_param_sync(force_sync=True)
 
+    def _check_distributed_optimizer_resumes(self) -> None:
+        """Megatron 0.16 restores the distributed optimizer's state from a checkpoint only with Apex's or TE's
+        Adam: with torch's Adam (no Apex / TE, e.g. on CPU) its state_dict asserts on the missing per-parameter
+        state, and working around that resumed 5e-3 away from the uninterrupted run in our test. Refuse."""
+        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+        if self.layout.use_distributed_optimizer and not HAVE_APEX_OR_TE:
+            raise UpcycleError("resuming use_distributed_optimizer=true needs Transformer Engine or Apex (Megatron's "
+                               "fused Adam): install one, or resume with use_distributed_optimizer=false")
+
     def sharded_state_dict(self, loading: bool = False) -> dict[str, Any]:
-        """Model and optimizer, sharded by Megatron (the optimizer state in model space, reshardable)."""
+        """Model and optimizer, sharded by Megatron; the distributed optimizer's state in its fully reshardable form
+        (per parameter, like a plain optimizer's), so a run resumes at any other TP / PP / EP / DP layout."""
         from nemo_upcycle.models.megatron import _sharded_state_dict
 
         model = _sharded_state_dict([c.module for c in self.chunks], "model.")
         state = {"model": model}
+        if loading and self.optimizer is not None and self.stateful_optimizer:
+            self._check_distributed_optimizer_resumes()
         if self.optimizer is not None and self.stateful_optimizer:  # plain SGD has no state (nor a loader for one)
             state["optimizer"] = self.optimizer.megatron.sharded_state_dict(
-                model, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
+                model, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable",
+                                            # gathered through the gloo groups, in host memory
+                                            "distrib_optim_fully_reshardable_mem_efficient": True})
         return state
 
 
