@@ -3,12 +3,14 @@ finalize_model_grads, its pipeline schedules) on several parallel layouts in one
 one-process run of the same steps. On CPU (gloo) or GPUs (NCCL):
 
     python scripts/parallel_train_check.py WORKDIR --reference              # one process: start + reference
-    torchrun --nproc-per-node 2 scripts/parallel_train_check.py WORKDIR tp2 pp2 ep2 dp2+do pp2vpp2 dp2>tp2
+    torchrun --nproc-per-node 2 scripts/parallel_train_check.py WORKDIR tp2 pp2 ep2 dp2+do pp2>tp2
     torchrun --nproc-per-node 4 scripts/parallel_train_check.py WORKDIR tp2pp2 tp2pp2+do
 
 A layout is tpN ppN vppN epN etpN dpN (the data-parallel size is what the process count leaves; dpN only
 names it) with +do (distributed optimizer), +og (overlapped, bucketed grad reduce), +opg (overlapped param
-all-gather). `A>B`: one step at layout A, a sharded model + optimizer checkpoint, then the rest at layout B.
+all-gather). `A>B`: one step at layout A, a sharded model + optimizer checkpoint, then the rest at layout B
+(same optimizer kind; the distributed optimizer resumes only with TE / Apex). pp2vpp2 (interleaved) runs the
+engine directly, past the check that refuses it in `nemo-upcycle train`: it does not match yet.
 `ep2+flat` reduces expert gradients over the data-parallel group (the old hand-written reduction's mistake), a
 negative control that must NOT match. Every rank prints `layout NAME: max abs diff D moved M` on rank 0.
 """
@@ -108,13 +110,11 @@ def load_state(engine, path: Path) -> None:
     from megatron.core import dist_checkpointing
 
     from nemo_upcycle.compat import megatron_engine_on_cpu
+    from nemo_upcycle.models.megatron import load_chunk_states
 
     with megatron_engine_on_cpu():
         loaded = dist_checkpointing.load(engine.sharded_state_dict(loading=True), str(path))
-        for chunk in engine.chunks:
-            own = chunk.module.state_dict()
-            chunk.module.load_state_dict({k[len("model."):]: v for k, v in loaded["model"].items()
-                                          if k[len("model."):] in own}, strict=False)
+        load_chunk_states([c.module for c in engine.chunks], loaded["model"], "model.", path)
         engine.optimizer.megatron.load_state_dict(loaded["optimizer"])
 
 

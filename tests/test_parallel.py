@@ -53,11 +53,11 @@ def _layouts(work: Path, layouts: list[str], nproc: int) -> dict[str, tuple[floa
 
 
 def test_engine_on_two_processes_equals_one_process(engine_reference):
-    """TP=2 (sequence parallel), PP=2 (1F1B), PP=2 with two virtual stages (interleaved), EP=2, DP=2, the
+    """TP=2 (sequence parallel), PP=2 (1F1B), EP=2, DP=2, the
     distributed optimizer with overlapped bucketed reduce, and a resume from a sharded model + Adam checkpoint
     at another TP/PP layout: every result equals the one-process run's weights. Expert gradients reduced over
     the data-parallel group instead of the expert-data-parallel one (the old flat reduction's mistake) do not."""
-    layouts = ["tp2", "pp2", "pp2vpp2", "ep2", "dp2", "dp2+do+og", "ep2+do", "pp2>tp2"]
+    layouts = ["tp2", "pp2", "ep2", "dp2", "dp2+do+og", "ep2+do", "pp2>tp2"]
     found = _layouts(engine_reference, layouts + ["ep2+flat"], nproc=2)
     for name in layouts:
         diff, moved = found[name]
@@ -67,8 +67,9 @@ def test_engine_on_two_processes_equals_one_process(engine_reference):
 
 @pytest.mark.slow
 def test_engine_on_four_processes_tp2_pp2_equals_one_process(engine_reference):
-    """TP=2 x PP=2 (and TP=2 x EP=2), with and without the distributed optimizer, on four processes."""
-    layouts = ["tp2pp2", "tp2pp2+do", "tp2ep2", "tp2pp2vpp2+do"]
+    """TP=2 x PP=2 (and TP=2 x EP=2), with and without the distributed optimizer, on four processes (slow: four
+    processes on the CI's two cores)."""
+    layouts = ["tp2pp2", "tp2pp2+do", "tp2ep2"]
     found = _layouts(engine_reference, layouts, nproc=4)
     for name in layouts:
         diff, moved = found[name]

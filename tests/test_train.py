@@ -240,5 +240,7 @@ def test_parallel_sizes_get_one_line_errors(workdir):
         ParallelLayout(tensor_model_parallel_size=2, expert_model_parallel_size=2).check(6, "megatron")
     with pytest.raises(UpcycleError, match="needs pipeline_model_parallel_size > 1"):
         ParallelLayout(virtual_pipeline_model_parallel_size=2).check(2, "megatron")
+    with pytest.raises(UpcycleError, match="interleaved schedule"):
+        ParallelLayout(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2).check(2, "megatron")
     with pytest.raises(UpcycleError, match="overlap_param_gather needs use_distributed_optimizer"):
         ParallelLayout(overlap_param_gather=True).check(2, "megatron")

@@ -212,12 +212,27 @@ def reference_weights(model) -> dict[str, torch.Tensor]:
     return te_to_local(sd)
 
 
-def _sharded_state_dict(chunks, prefix: str) -> dict:
-    """One sharded state dict for a model or the list of its pipeline chunks (keys carry global layer numbers)."""
-    out: dict = {}
-    for chunk in chunks if isinstance(chunks, (list, tuple)) else [chunks]:
-        out.update(chunk.sharded_state_dict(prefix=prefix))
-    return out
+def as_chunks(model) -> list:
+    """A GPTModel, or the list of one rank's pipeline chunks, as a list."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def sharded_state_dict_of(model, prefix: str) -> dict:
+    """One sharded state dict for a model or its pipeline chunks, one entry per chunk: chunks of interleaved
+    stages share tensor keys (layers stacked under one key, told apart by their global offsets)."""
+    return {f"chunk{i}": chunk.sharded_state_dict(prefix=prefix) for i, chunk in enumerate(as_chunks(model))}
+
+
+def load_chunk_states(model, loaded: dict, prefix: str, source) -> None:
+    """Copy what dist_checkpointing.load returned for `sharded_state_dict_of(model)` into the chunks."""
+    for i, chunk in enumerate(as_chunks(model)):
+        expected = chunk.state_dict()
+        state = {k[len(prefix):]: v for k, v in loaded[f"chunk{i}"].items()
+                 if k.startswith(prefix) and k[len(prefix):] in expected}
+        missing = [k for k in expected if k not in state and not is_extra_state(k)]
+        if missing:
+            raise UpcycleError(f"{source} lacks {missing[0]} ({len(missing)} tensors missing) for this model")
+        chunk.load_state_dict(state, strict=False)
 
 
 def load_dist_checkpoint(model, path, prefix: str = "model.") -> None:
@@ -225,15 +240,7 @@ def load_dist_checkpoint(model, path, prefix: str = "model.") -> None:
     pipeline chunks) with Megatron's own sharded loader: each rank reads only its shard, at any TP / EP / PP."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load(_sharded_state_dict(model, prefix), str(path))
-    for chunk in model if isinstance(model, (list, tuple)) else [model]:
-        expected = chunk.state_dict()
-        state = {k[len(prefix):]: v for k, v in loaded.items()
-                 if k.startswith(prefix) and k[len(prefix):] in expected}
-        missing = [k for k in expected if k not in state and not is_extra_state(k)]
-        if missing:
-            raise UpcycleError(f"{path} lacks {missing[0]} ({len(missing)} tensors missing) for this model")
-        chunk.load_state_dict(state, strict=False)
+    load_chunk_states(model, dist_checkpointing.load(sharded_state_dict_of(model, prefix), str(path)), prefix, path)
 
 
 def save_dist_checkpoint(model, path, prefix: str = "model.") -> None:
@@ -241,7 +248,7 @@ def save_dist_checkpoint(model, path, prefix: str = "model.") -> None:
     from megatron.core import dist_checkpointing
 
     Path(path).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(_sharded_state_dict(model, prefix), str(path))
+    dist_checkpointing.save(sharded_state_dict_of(model, prefix), str(path))
 
 
 def megatron_forward(model, tokens: torch.Tensor) -> torch.Tensor:

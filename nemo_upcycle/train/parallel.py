@@ -67,6 +67,9 @@ class ParallelLayout:
                                f"{world_size // (tp * pp)}")
         if self.virtual_pipeline_model_parallel_size and pp == 1:
             raise UpcycleError("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1")
+        if (self.virtual_pipeline_model_parallel_size or 1) > 1:  # scripts/parallel_train_check.py pp2vpp2
+            raise UpcycleError("virtual_pipeline_model_parallel_size > 1 (the interleaved schedule) trained 3.5e-2 "
+                               "away from one process in our CPU check: not supported yet, leave it null")
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise UpcycleError("overlap_param_gather needs use_distributed_optimizer=true")
         if world_size > 1 and backend != "megatron":
@@ -234,10 +237,11 @@ class MegatronEngine:
     def sharded_state_dict(self, loading: bool = False) -> dict[str, Any]:
         """Model and optimizer, sharded by Megatron; the distributed optimizer's state in its fully reshardable form
         (per parameter, like a plain optimizer's), so a run resumes at any other TP / PP / EP / DP layout."""
-        from nemo_upcycle.models.megatron import _sharded_state_dict
+        from nemo_upcycle.models.megatron import sharded_state_dict_of
 
-        model = _sharded_state_dict([c.module for c in self.chunks], "model.")
-        state = {"model": model}
+        chunks = sharded_state_dict_of([c.module for c in self.chunks], "model.")
+        model = {k: v for chunk in chunks.values() for k, v in chunk.items()}  # the optimizer finds params by id
+        state = {"model": chunks}
         if loading and self.optimizer is not None and self.stateful_optimizer:
             self._check_distributed_optimizer_resumes()
         if self.optimizer is not None and self.stateful_optimizer:  # plain SGD has no state (nor a loader for one)
@@ -352,11 +356,10 @@ class MegatronParallelStrategy(DDPStrategy):
             return dist_checkpointing.load(state, str(self._resume_dir))
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
-        loaded = self._load_sharded(with_optimizer=False)["model"]
-        for chunk in self.engine.chunks:
-            own = chunk.module.state_dict()
-            chunk.module.load_state_dict({k[len("model."):]: v for k, v in loaded.items()
-                                          if k[len("model."):] in own}, strict=False)
+        from nemo_upcycle.models.megatron import load_chunk_states
+
+        load_chunk_states([c.module for c in self.engine.chunks], self._load_sharded(with_optimizer=False)["model"],
+                          "model.", self._resume_dir)
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
         from nemo_upcycle.compat import megatron_engine_on_cpu
