@@ -8,7 +8,7 @@ The pattern of NeMo 2's MegatronStrategy / MegatronParallel, written small: a Li
 Megatron's parallel groups, wraps every model chunk in `megatron.core.distributed.DistributedDataParallel`
 (bucketed gradient reduce, overlapped with backward when asked, the distributed optimizer's buffers), and the
 model trains with Lightning's manual optimization: one `training_step` is one global batch, run by
-`get_forward_backward_func` (no pipelining, 1F1B, or interleaved with virtual stages), which ends with
+`get_forward_backward_func` (no pipelining or 1F1B; the interleaved one is refused until it matches), which ends with
 `finalize_model_grads` (data-parallel reduce per bucket, expert gradients over the expert-data-parallel group,
 sequence-parallel norms and embeddings over their groups). The step itself is `get_megatron_optimizer`'s:
 Adam or SGD, clipping by the norm over every model-parallel shard, the distributed optimizer's sharded state.
