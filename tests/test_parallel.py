@@ -33,11 +33,13 @@ CHECK = ROOT / "scripts" / "parallel_train_check.py"
 @pytest.fixture(scope="module")
 def engine_reference(tmp_path_factory):
     """One process: the seeded starting weights and the weights after two Adam steps through the engine."""
+    import os
     import subprocess
     import sys
 
     work = tmp_path_factory.mktemp("engine")
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    launcher = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this session's own group
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
     proc = subprocess.run([sys.executable, str(CHECK), str(work), "--reference"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

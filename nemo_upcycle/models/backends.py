@@ -137,7 +137,8 @@ class MegatronBackend(nn.Module):
         from nemo_upcycle.models.megatron import megatron_forward
 
         clear_aux_losses_tracker()
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(self._router_loss_scale))  # Megatron keeps it global
+        # Megatron keeps it global, shape [1] as its schedules set it (the engine's runs share the process)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([self._router_loss_scale]))
         self._counts.clear()
         logits = megatron_forward(self.model, tokens)
         if self.tensor_parallel > 1:  # the output layer is vocabulary-parallel; gathering keeps the loss simple
