@@ -1,15 +1,20 @@
 """Everything needed to run Megatron-core (0.16.x) on a machine without CUDA, in one place.
 
 Megatron-core assumes CUDA in a few spots that do not matter on CPU: `torch.cuda.current_device()` (rotary
-embedding caches, dist-checkpoint writes), `torch.cuda.synchronize()` (dist-checkpoint saves), a missing
-`te_general_gemm` symbol when Transformer Engine is absent, and an RNG tracker that wants CUDA seeds. These
-shims are applied only when CUDA is unavailable, and only by callers that run Megatron on CPU.
+embedding caches, dist-checkpoint writes, DDP buffers, pipeline send/receive buffers), `torch.cuda.synchronize()`
+(dist-checkpoint saves), a missing `te_general_gemm` symbol when Transformer Engine is absent, an RNG tracker
+that wants CUDA seeds, and in the training engine tensors made with device='cuda' and dtype checks by CUDA
+type names (`megatron_engine_on_cpu`). These shims are applied only when CUDA is unavailable, and only by
+callers that run Megatron on CPU; they change where Megatron puts tensors, never what its code computes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import socket
+from typing import Iterator
 
 import torch
 
@@ -32,8 +37,55 @@ def apply_megatron_cpu_shims() -> None:
         moe_utils.te_general_gemm = None
 
 
-def init_megatron(tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                                 expert_parallel: int = 1) -> None:
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange")
+
+
+def _on_cpu(device):
+    """'cuda', 'cuda:0' or torch.device('cuda') -> 'cpu'; anything else unchanged."""
+    return "cpu" if device is not None and str(device).startswith("cuda") else device
+
+
+@contextlib.contextmanager
+def megatron_engine_on_cpu() -> Iterator[None]:
+    """While Megatron's training engine runs (DDP buffers, optimizer construction and step, the schedules), let
+    its CUDA-only spellings mean the CPU: tensors it creates with device='cuda' (found_inf, loss scales,
+    clip-grad buffers, token counts) are made on the CPU, and `Tensor.type()` of a CPU float tensor answers
+    'torch.cuda.FloatTensor' (the optimizer and clip_grads accept only those names). Scoped and undone on exit;
+    a no-op where CUDA is available, so GPU runs execute Megatron untouched."""
+    if torch.cuda.is_available():
+        yield
+        return
+    apply_megatron_cpu_shims()
+    saved = {name: getattr(torch, name) for name in _FACTORIES}
+    saved_type = torch.Tensor.type
+
+    def factory(fn):
+        @functools.wraps(fn)
+        def make(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _on_cpu(kwargs["device"])
+            return fn(*args, **kwargs)
+        return make
+
+    def tensor_type(self, *args, **kwargs):
+        name = saved_type(self, *args, **kwargs)
+        if args or kwargs or self.device.type != "cpu" or not isinstance(name, str):
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    for name, fn in saved.items():
+        setattr(torch, name, factory(fn))
+    torch.Tensor.type = tensor_type  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
+        torch.Tensor.type = saved_type  # type: ignore[method-assign]
+
+
+def init_megatron(tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
+                  expert_tensor_parallel: int | None = None, virtual_pipeline_parallel: int | None = None) -> None:
     """torch.distributed plus Megatron's parallel state (idempotent): a one-process gloo group for CPU runs and
     tests, or under torchrun (WORLD_SIZE set) the launcher's processes, with NCCL when CUDA is there."""
     import torch.distributed as dist
@@ -55,6 +107,8 @@ def init_megatron(tensor_parallel: int = 1, pipeline_parallel: int = 1,
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
             expert_model_parallel_size=expert_parallel,
+            expert_tensor_parallel_size=expert_tensor_parallel,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
         )
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed

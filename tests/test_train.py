@@ -16,7 +16,6 @@ from nemo_upcycle.data.preprocess import preprocess
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.nemo_model import MegatronUpcycledGPTModel
 from nemo_upcycle.recipe import UpcycleConfig
-from nemo_upcycle.train.parallel import check_parallel_sizes
 from nemo_upcycle.train.run import build_model, load_config, train
 from tests.conftest import random_model, small_config, torchrun
 from tests.nemo_fixtures import pack_nemo, spm_model_bytes, write_nemo_dir
@@ -185,15 +184,15 @@ def test_training_resumes_from_exp_manager_checkpoints(workdir):
     assert (second.exp_dir / "expert_load.png").is_file()
 
 
-# ---- several processes: tensor / expert / data parallelism under torchrun (gloo on CPU) ----------------------------
-SGD = ["optim.name=sgd", "~optim.betas", "~optim.eps", "optim.weight_decay=0", "optim.lr=1.0",
-       "optim.sched.warmup_steps=0", "optim.sched.min_lr=1.0"]  # plain SGD: updates proportional to gradients
+# ---- Megatron-core's engine through Lightning: one process, and a resume under torchrun at another layout -------
+ADAM = ["optim.name=adamw", "optim.eps=1e-3", "optim.weight_decay=0.1", "optim.lr=0.01", "optim.sched.warmup_steps=0",
+        "optim.sched.min_lr=0.01"]  # Adam with an eps that keeps tiny gradient differences from being amplified
 
 
-def _parallel_args(workdir: Path, name: str, backend: str, steps: int) -> list[str]:
-    return [f"restore_from={workdir / 'moe.nemo'}", f"backend={backend}", f"name={name}",
-            f"save_nemo={workdir / name}.nemo", "micro_batch_size=1", "global_batch_size=2",
-            f"trainer.max_steps={steps}", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", *SGD]
+def _engine_args(workdir: Path, name: str, steps: int) -> list[str]:
+    return [f"restore_from={workdir / 'moe.nemo'}", "backend=megatron", f"name={name}",
+            f"save_nemo={workdir / name}.nemo", "micro_batch_size=1", "global_batch_size=4",
+            f"trainer.max_steps={steps}", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", *ADAM]
 
 
 def _torchrun_train(workdir: Path, args: list[str]) -> None:
@@ -209,45 +208,39 @@ def _saved(path: Path) -> dict[str, torch.Tensor]:
         return reader.state_dict()
 
 
-@pytest.mark.parametrize("backend, parallel", [("megatron", "tensor_model_parallel_size=2"),
-                                               ("megatron", "expert_model_parallel_size=2"),
-                                               ("torch", "")])
-def test_two_process_training_equals_one_process(workdir, backend, parallel):
-    """TP=2 (sequence parallel), EP=2 (and so DP=2) and plain DP=2 give the one-process run's weights: same
-    global batches, gradients reduced over the right groups, clipping by the whole model's norm, and the
-    sharded model saved into one .nemo. Plain SGD makes any gradient error show in the weights."""
-    single = train(run_config(workdir, *_parallel_args(workdir, f"one_{backend}", backend, 2)))
-    assert single.steps == 2
-    name = f"two_{backend}_{parallel.split('_')[0] or 'dp'}"
-    _torchrun_train(workdir, _parallel_args(workdir, name, backend, 2) + ([parallel] if parallel else []))
-    start, one, two = _saved(workdir / "moe.nemo"), _saved(single.nemo_path), _saved(workdir / f"{name}.nemo")
+def test_engine_run_resumes_at_another_layout_and_equals_the_uninterrupted_run(workdir):
+    """Two steps in one process through Megatron's engine (its DDP, optimizer, schedule) leave a sharded model +
+    Adam checkpoint; a torchrun launch at TP=2 resumes from it to step four (its sequence-parallel shards reduced by
+    finalize_model_grads) and saves one .nemo equal to an uninterrupted one-process run of four steps."""
+    from nemo_upcycle.train.parallel import MegatronParallelStrategy
+
+    first = train(run_config(workdir, *_engine_args(workdir, "layout_resume", 2)))
+    assert isinstance(first.model.trainer.strategy, MegatronParallelStrategy) and first.model.engine is not None
+    assert type(first.model.engine.optimizer.megatron).__module__.startswith("megatron.core.optimizer")
+    ckpt = next((first.exp_dir / "checkpoints").glob("*-last"))
+    assert (ckpt / "metadata.json").is_file() and ckpt.with_name(ckpt.name + ".ckpt").is_file()
+    _torchrun_train(workdir, _engine_args(workdir, "layout_resume", 4) + ["tensor_model_parallel_size=2"])
+    single = train(run_config(workdir, *_engine_args(workdir, "one_engine", 4)))
+    start, one, two = _saved(workdir / "moe.nemo"), _saved(single.nemo_path), _saved(workdir / "layout_resume.nemo")
     assert one.keys() == two.keys() == start.keys()
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 0.01  # training moved the weights
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)
-    if parallel:  # one Lightning checkpoint file per model-parallel shard
-        shards = {p.name for p in (workdir / "exp" / name).rglob("*-last.ckpt.shards/*.pt")}
-        second = "tp01_ep00.pt" if "tensor" in parallel else "tp00_ep01.pt"
-        assert shards == {"tp00_ep00.pt", second}
-
-
-def test_tensor_parallel_training_resumes_from_its_sharded_checkpoints(workdir):
-    """Two steps, then a second launch to four resumes from the per-shard Lightning checkpoints and ends where
-    an uninterrupted one-process run of four steps ends."""
-    args = _parallel_args(workdir, "tp_resume", "megatron", 2) + ["tensor_model_parallel_size=2"]
-    _torchrun_train(workdir, args)
-    _torchrun_train(workdir, [a if not a.startswith("trainer.max_steps") else "trainer.max_steps=4" for a in args])
-    single = train(run_config(workdir, *_parallel_args(workdir, "one_resume", "megatron", 4)))
-    one, two = _saved(single.nemo_path), _saved(workdir / "tp_resume.nemo")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_parallel_sizes_get_one_line_errors(workdir):
-    with pytest.raises(UpcycleError, match="needs 2 processes: launch with torchrun"):
+    from nemo_upcycle.train.parallel import ParallelLayout
+
+    with pytest.raises(UpcycleError, match="need 2 processes: launch with torchrun"):
         train(run_config(workdir, f"restore_from={workdir / 'moe.nemo'}", "backend=megatron",
                          "tensor_model_parallel_size=2"))
     with pytest.raises(UpcycleError, match="need backend=megatron"):
-        check_parallel_sizes(2, 2, 1, "torch")
+        ParallelLayout().check(2, "torch")
     with pytest.raises(UpcycleError, match="cannot be split into tensor_model_parallel_size 2"):
-        check_parallel_sizes(6, 2, 2, "megatron")
+        ParallelLayout(tensor_model_parallel_size=2, expert_model_parallel_size=2).check(6, "megatron")
+    with pytest.raises(UpcycleError, match="needs pipeline_model_parallel_size > 1"):
+        ParallelLayout(virtual_pipeline_model_parallel_size=2).check(2, "megatron")
+    with pytest.raises(UpcycleError, match="interleaved schedule"):
+        ParallelLayout(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2).check(2, "megatron")
+    with pytest.raises(UpcycleError, match="overlap_param_gather needs use_distributed_optimizer"):
+        ParallelLayout(overlap_param_gather=True).check(2, "megatron")

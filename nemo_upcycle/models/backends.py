@@ -88,56 +88,87 @@ class MegatronBackend(nn.Module):
         init_megatron()
         self.config = cfg
         self.tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
+        self.pipeline_parallel = parallel_state.get_pipeline_model_parallel_world_size()
+        virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size()
         expert_parallel = parallel_state.get_expert_model_parallel_world_size()
-        self.sharded = self.tensor_parallel * expert_parallel > 1
+        self.sharded = self.tensor_parallel * expert_parallel * self.pipeline_parallel > 1
         if cfg.is_moe and cfg.num_moe_experts % expert_parallel:
             raise UpcycleError(f"{cfg.num_moe_experts} experts cannot be split over expert_model_parallel_size "
                                f"{expert_parallel}: choose a divisor")
+        if cfg.num_layers % (self.pipeline_parallel * (virtual or 1)):
+            raise UpcycleError(f"{cfg.num_layers} layers cannot be split into pipeline_model_parallel_size "
+                               f"{self.pipeline_parallel} x virtual_pipeline_model_parallel_size {virtual or 1} "
+                               "equal stages: choose sizes whose product divides num_layers")
         config_overrides.setdefault("tensor_model_parallel_size", self.tensor_parallel)
         config_overrides.setdefault("expert_model_parallel_size", expert_parallel)
+        config_overrides.setdefault("expert_tensor_parallel_size",
+                                    parallel_state.get_expert_tensor_parallel_world_size())
+        if self.pipeline_parallel > 1:
+            config_overrides.update(pipeline_model_parallel_size=self.pipeline_parallel,
+                                    virtual_pipeline_model_parallel_size=virtual, pipeline_dtype=torch.float32)
         # Megatron trains MoE with tensor parallelism only together with sequence parallelism.
         config_overrides.setdefault("sequence_parallel", self.tensor_parallel > 1)
         if config_overrides["sequence_parallel"] and cfg.seq_length % self.tensor_parallel:
             raise UpcycleError(f"seq_length {cfg.seq_length} is not divisible by tensor_model_parallel_size "
                                f"{self.tensor_parallel} (sequence parallelism splits the sequence)")
-        self.model = build_megatron_gpt(cfg, use_te=use_te, grouped_gemm=grouped_gemm, **config_overrides)
+        chunks = [build_megatron_gpt(cfg, use_te=use_te, grouped_gemm=grouped_gemm, stage=stage, **config_overrides)
+                  for stage in _pipeline_stages(virtual)]
+        # One chunk: the GPTModel itself (keys model.*); interleaved pipeline stages: one GPTModel per stage.
+        self.model = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
         self._counts: dict[int, torch.Tensor] = {}
         self._router_loss_scale = 1.0
         from megatron.core.transformer.moe.router import TopKRouter
 
-        routers = [m for m in self.model.modules() if isinstance(m, TopKRouter)]
+        routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
         for i, router in enumerate(routers):
             router.register_forward_hook(lambda mod, inp, out, i=i: self._counts.__setitem__(i, out[1].sum(0)))
 
+    @property
+    def chunks(self) -> list[nn.Module]:
+        """The GPTModel of each (virtual) pipeline stage this rank holds, in order."""
+        return list(self.model) if isinstance(self.model, nn.ModuleList) else [self.model]
+
     def forward(self, tokens: torch.Tensor) -> Step:
-        from megatron.core.transformer.moe.moe_utils import (
-            MoEAuxLossAutoScaler, clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker,
-            reduce_aux_losses_tracker_across_ranks)
+        if self.pipeline_parallel > 1:
+            raise UpcycleError("a pipeline-parallel model runs only inside Megatron's schedules: train it with "
+                               "`nemo-upcycle train backend=megatron` under torchrun")
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
 
         from nemo_upcycle.models.megatron import megatron_forward
 
         clear_aux_losses_tracker()
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(self._router_loss_scale))  # Megatron keeps it global
+        # Megatron keeps it global, shape [1] as its schedules set it (the engine's runs share the process)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([self._router_loss_scale]))
         self._counts.clear()
         logits = megatron_forward(self.model, tokens)
         if self.tensor_parallel > 1:  # the output layer is vocabulary-parallel; gathering keeps the loss simple
             from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
             logits = gather_from_tensor_model_parallel_region(logits)
-        if self.sharded or torch.distributed.get_world_size() > 1:  # each rank saw part of the tokens
+        aux, z = self.router_losses()
+        return Step(logits, logits.new_zeros((), dtype=torch.float32), aux, z, self.tokens_per_expert())
+
+    def router_losses(self, num_microbatches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load-balancing and z-loss (coefficients applied, summed over layers, averaged over micro-batches) from
+        Megatron's tracker, reduced over the ranks that saw other tokens or held other layers (collective)."""
+        from megatron.core.transformer.moe.moe_utils import (get_moe_layer_wise_logging_tracker,
+                                                             reduce_aux_losses_tracker_across_ranks)
+
+        if torch.distributed.get_world_size() > 1:
             reduce_aux_losses_tracker_across_ranks()
         tracker = get_moe_layer_wise_logging_tracker()
-        zero = logits.new_zeros((), dtype=torch.float32)
 
         def tracked(name: str, coeff: float | None) -> torch.Tensor:
             if name not in tracker or not coeff:
-                return zero
-            return tracker[name]["values"].sum().float().detach().to(zero.device) * coeff
+                return torch.zeros(())
+            return tracker[name]["values"].sum().float().detach().cpu() * coeff / num_microbatches
 
-        aux = tracked("load_balancing_loss", self.config.moe_aux_loss_coeff)
-        z = tracked("z_loss", self.config.moe_z_loss_coeff)
-        counts = [self._counts[i] for i in sorted(self._counts)]
-        return Step(logits, zero, aux, z, counts)
+        return tracked("load_balancing_loss", self.config.moe_aux_loss_coeff), \
+            tracked("z_loss", self.config.moe_z_loss_coeff)
+
+    def tokens_per_expert(self) -> list[torch.Tensor]:
+        """Tokens each expert got in the last forward, per MoE layer held by this rank."""
+        return [self._counts[i] for i in sorted(self._counts)]
 
     def set_router_loss_scale(self, scale: float) -> None:
         """The factor the trainer applies to the LM loss before backward (1 / accumulated micro-batches, times
@@ -159,10 +190,21 @@ class MegatronBackend(nn.Module):
         """This rank's shards of a torch_dist checkpoint, through Megatron's sharded loader (any TP / EP)."""
         from nemo_upcycle.models.megatron import load_dist_checkpoint
 
-        load_dist_checkpoint(self.model, path, prefix)
+        load_dist_checkpoint(self.chunks, path, prefix)
 
     def save_sharded(self, path, prefix: str = "model.") -> None:
         """Collective: every rank writes its shards of one torch_dist checkpoint."""
         from nemo_upcycle.models.megatron import save_dist_checkpoint
 
-        save_dist_checkpoint(self.model, path, prefix)
+        save_dist_checkpoint(self.chunks, path, prefix)
+
+
+def _pipeline_stages(virtual: int | None) -> list[dict | None]:
+    """GPTModel's pipeline arguments for each model chunk on this rank (None without pipeline parallelism)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return [None]
+    return [dict(pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=v),
+                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=v),
+                 vp_stage=v if virtual else None) for v in range(virtual or 1)]

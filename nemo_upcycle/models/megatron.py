@@ -91,8 +91,9 @@ def rope_arguments(cfg: GPTConfig) -> dict[str, Any]:
 
 
 def build_megatron_gpt(cfg: GPTConfig, use_te: bool | None = None, grouped_gemm: bool = False,
-                       **config_overrides: Any):
-    """A Megatron-core GPTModel for `cfg` (parallel state must be initialised; see nemo_upcycle.compat)."""
+                       stage: dict[str, Any] | None = None, **config_overrides: Any):
+    """A Megatron-core GPTModel for `cfg` (parallel state must be initialised; see nemo_upcycle.compat).
+    `stage`: GPTModel's pipeline arguments (pre_process, post_process, vp_stage) for one pipeline chunk."""
     from megatron.core.models.gpt import GPTModel as MegatronGPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -101,7 +102,8 @@ def build_megatron_gpt(cfg: GPTConfig, use_te: bool | None = None, grouped_gemm:
     if cfg.is_moe and grouped_gemm:
         config_overrides.setdefault("moe_grouped_gemm", True)
     tc = transformer_config(cfg, use_te=use_te, **config_overrides)
-    spec = get_gpt_decoder_block_spec(tc, use_transformer_engine=use_te)
+    spec = get_gpt_decoder_block_spec(tc, use_transformer_engine=use_te,
+                                      **({"vp_stage": stage["vp_stage"]} if stage else {}))
     if not use_te:
         _checkpoint_moe_norm_like_te(spec)
         _use_local_norms(spec)
@@ -115,6 +117,7 @@ def build_megatron_gpt(cfg: GPTConfig, use_te: bool | None = None, grouped_gemm:
         rotary_base=int(cfg.rotary_base),
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         **rope_arguments(cfg),
+        **(stage or {}),
     )
 
 
@@ -209,18 +212,35 @@ def reference_weights(model) -> dict[str, torch.Tensor]:
     return te_to_local(sd)
 
 
+def as_chunks(model) -> list:
+    """A GPTModel, or the list of one rank's pipeline chunks, as a list."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def sharded_state_dict_of(model, prefix: str) -> dict:
+    """One sharded state dict for a model or its pipeline chunks, one entry per chunk: chunks of interleaved
+    stages share tensor keys (layers stacked under one key, told apart by their global offsets)."""
+    return {f"chunk{i}": chunk.sharded_state_dict(prefix=prefix) for i, chunk in enumerate(as_chunks(model))}
+
+
+def load_chunk_states(model, loaded: dict, prefix: str, source) -> None:
+    """Copy what dist_checkpointing.load returned for `sharded_state_dict_of(model)` into the chunks."""
+    for i, chunk in enumerate(as_chunks(model)):
+        expected = chunk.state_dict()
+        state = {k[len(prefix):]: v for k, v in loaded[f"chunk{i}"].items()
+                 if k.startswith(prefix) and k[len(prefix):] in expected}
+        missing = [k for k in expected if k not in state and not is_extra_state(k)]
+        if missing:
+            raise UpcycleError(f"{source} lacks {missing[0]} ({len(missing)} tensors missing) for this model")
+        chunk.load_state_dict(state, strict=False)
+
+
 def load_dist_checkpoint(model, path, prefix: str = "model.") -> None:
-    """Load a torch_dist checkpoint (ours, NeMo's or Megatron-LM's) into a Megatron GPTModel with Megatron's
-    own sharded loader: each rank reads only its tensor-/expert-parallel shard, at any TP / EP / PP."""
+    """Load a torch_dist checkpoint (ours, NeMo's or Megatron-LM's) into a Megatron GPTModel (or the list of its
+    pipeline chunks) with Megatron's own sharded loader: each rank reads only its shard, at any TP / EP / PP."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), str(path))
-    expected = model.state_dict()
-    state = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix) and k[len(prefix):] in expected}
-    missing = [k for k in expected if k not in state and not is_extra_state(k)]
-    if missing:
-        raise UpcycleError(f"{path} lacks {missing[0]} ({len(missing)} tensors missing) for this model")
-    model.load_state_dict(state, strict=False)
+    load_chunk_states(model, dist_checkpointing.load(sharded_state_dict_of(model, prefix), str(path)), prefix, path)
 
 
 def save_dist_checkpoint(model, path, prefix: str = "model.") -> None:
@@ -228,7 +248,7 @@ def save_dist_checkpoint(model, path, prefix: str = "model.") -> None:
     from megatron.core import dist_checkpointing
 
     Path(path).mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(prefix=prefix), str(path))
+    dist_checkpointing.save(sharded_state_dict_of(model, prefix), str(path))
 
 
 def megatron_forward(model, tokens: torch.Tensor) -> torch.Tensor:

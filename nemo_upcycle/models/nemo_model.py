@@ -132,6 +132,7 @@ class MegatronUpcycledGPTModel(ModelPT):
         self.tokenizer_spec: Tokenizer | None = None  # the tokenizer config + artifact bytes saved with the model
         self._tokenizer = None
         self._last_step_end: float | None = None
+        self.engine = None  # Megatron's DDP + optimizer + schedules, set by MegatronParallelStrategy
 
     # ---- construction --------------------------------------------------------------------------------------
     @staticmethod
@@ -233,21 +234,53 @@ class MegatronUpcycledGPTModel(ModelPT):
         loss = lm_loss(step.logits, batch["labels"], batch.get("loss_mask"))
         return loss, step
 
+    @property
+    def uses_engine(self) -> bool:
+        """Trained by Megatron-core's engine (train/parallel.py) rather than by Lightning's automatic loop."""
+        from nemo_upcycle.train.parallel import MegatronParallelStrategy
+
+        return self._trainer is not None and isinstance(self._trainer.strategy, MegatronParallelStrategy)
+
+    @property
+    def automatic_optimization(self) -> bool:
+        return not self.uses_engine  # the engine steps Megatron's optimizer itself, once per global batch
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.uses_engine:
+            return self._engine_training_step(batch)
         self.backend.set_router_loss_scale(self._loss_scale())
         loss, step = self._step(batch)
+        self._log_step(loss, step.aux_loss, step.z_loss, batch["tokens"], step.tokens_per_expert)
+        return loss + step.objective
+
+    def _engine_training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One global batch: this rank's micro-batches through Megatron's schedule, then its optimizer step."""
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()
+        micro_batch_size = int(self.cfg.micro_batch_size)
+        loss = self.engine.run(batch, micro_batch_size, forward_only=False)
+        self.optimizers().step()
+        self.lr_schedulers().step()
+        aux, z = self.backend.router_losses(num_microbatches=batch["tokens"].shape[0] // micro_batch_size)
+        self._log_step(loss, aux, z, batch["tokens"], self.backend.tokens_per_expert())
+        if self.engine.optimizer.last_grad_norm is not None:
+            self.log("grad_norm", float(self.engine.optimizer.last_grad_norm), batch_size=1)
+        return loss
+
+    def _log_step(self, loss: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, tokens: torch.Tensor,
+                  tokens_per_expert: list[torch.Tensor]) -> None:
         now = time.perf_counter()
-        metrics = {"lm_loss": loss.detach(), "aux_loss": step.aux_loss, "z_loss": step.z_loss}
+        metrics = {"lm_loss": loss.detach(), "aux_loss": aux, "z_loss": z}
         if self._last_step_end is not None:
-            metrics["tokens_per_sec"] = batch["tokens"].numel() / max(now - self._last_step_end, 1e-9)
+            metrics["tokens_per_sec"] = tokens.numel() / max(now - self._last_step_end, 1e-9)
         self._last_step_end = now
-        for i, counts in enumerate(step.tokens_per_expert):
+        for i, counts in enumerate(tokens_per_expert):
             fractions = counts.float() / counts.sum().clamp(min=1)
             metrics.update({f"expert_load/layer{i}/expert{e}": f for e, f in enumerate(fractions.tolist())})
-        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=batch["tokens"].shape[0])
-        self.log("loss", loss.detach(), prog_bar=True, batch_size=batch["tokens"].shape[0])
-        self.last_expert_load = [c.detach().float().cpu() for c in step.tokens_per_expert]
-        return loss + step.objective
+        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=tokens.shape[0])
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=tokens.shape[0])
+        self.last_expert_load = [c.detach().float().cpu() for c in tokens_per_expert]
 
     def _loss_scale(self) -> float:
         """What Lightning multiplies the returned loss by before backward."""
@@ -256,18 +289,28 @@ class MegatronUpcycledGPTModel(ModelPT):
         return scale * scaler.get_scale() if scaler is not None else scale
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._step(batch)
+        if self.uses_engine:
+            self.engine.sync_params()
+            loss = self.engine.run(batch, batch["tokens"].shape[0], forward_only=True)
+        else:
+            loss, _ = self._step(batch)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["tokens"].shape[0])
         return loss
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip by the norm of the whole model's gradient, also when it is split over tensor / expert ranks."""
-        if self.backend.sharded and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            from nemo_upcycle.train.parallel import clip_grad_norm_
+    def configure_optimizers(self):
+        """Megatron's optimizer (with NeMo's LR schedule) under the engine; NeMo's optimizer otherwise."""
+        if not self.uses_engine:
+            return super().configure_optimizers()
+        from nemo.core.optim import prepare_lr_scheduler
 
-            clip_grad_norm_(self, float(gradient_clip_val))
-        else:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        optim = OmegaConf.to_container(self.cfg.optim, resolve=True)
+        sched = dict(optim.pop("sched", None) or {})
+        optimizer = self.engine.build_optimizer(optim)
+        if not sched:
+            return optimizer
+        sched.setdefault("max_steps", self.trainer.max_steps)
+        scheduler = prepare_lr_scheduler(optimizer=optimizer, scheduler_config=sched, train_dataloader=self._train_dl)
+        return [optimizer], [scheduler]
 
     def setup_optimizer_param_groups(self) -> None:
         """No weight decay on norms and biases (Megatron's default)."""
@@ -314,7 +357,10 @@ class MegatronUpcycledGPTModel(ModelPT):
 
         consumed = (lambda: self.trainer.global_step * int(self.cfg.global_batch_size)) if resumes else (lambda: 0)
         sampler = MegatronOrderSampler(len(dataset), data_parallel_size(), data_parallel_rank(), consumed)
-        return torch.utils.data.DataLoader(dataset, batch_size=int(self.cfg.micro_batch_size), sampler=sampler,
+        # The engine takes this rank's share of a global batch per step and splits it into micro-batches.
+        batch = int(self.cfg.global_batch_size) // data_parallel_size() if resumes and self.uses_engine \
+            else int(self.cfg.micro_batch_size)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler,
                                            num_workers=int(self.cfg.data.get("num_workers", 0)), drop_last=True)
 
     def setup_training_data(self, train_data_config: DictConfig) -> None:

@@ -4,7 +4,8 @@
     nemo-upcycle train restore_from=dense.nemo +upcycle.shorthand=E8G8T8     # upcycle in memory, then train
     nemo-upcycle train model=tiny_cpu data.data_prefix=[...]                 # from scratch (the dense baseline)
     torchrun --nproc-per-node 4 -m nemo_upcycle.cli train restore_from=moe.nemo backend=megatron \
-        tensor_model_parallel_size=2 expert_model_parallel_size=2              # several processes (parallel.py)
+        tensor_model_parallel_size=2 pipeline_model_parallel_size=2 use_distributed_optimizer=true
+                                                  # Megatron-core's engine on several processes (parallel.py)
 
 Arguments are Hydra overrides of conf/train.yaml (groups: model, data, trainer, optim). Logs, TensorBoard and
 checkpoints go to <exp_manager.exp_dir>/<name>/ (resumed automatically when present); the trained model is saved
@@ -83,24 +84,27 @@ def build_model(cfg: DictConfig, trainer=None):
 
 
 def _parallel_set_up(cfg: DictConfig, trainer_args: dict[str, Any]) -> int:
-    """Under torchrun, one Lightning process per device with Megatron's parallel groups (set in trainer_args);
-    returns the data-parallel size."""
+    """The megatron backend trains through Megatron-core's engine (MegatronParallelStrategy, set in trainer_args),
+    in one process or, under torchrun, one Lightning process per device; returns the data-parallel size."""
     from nemo_upcycle.models.backends import default_backend
-    from nemo_upcycle.train.parallel import MegatronParallelStrategy, check_parallel_sizes
+    from nemo_upcycle.train.parallel import MegatronParallelStrategy, ParallelLayout
 
-    tp, ep = int(cfg.tensor_model_parallel_size), int(cfg.expert_model_parallel_size)
+    layout = ParallelLayout.from_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1 and tp * ep > 1:
-        raise UpcycleError(f"tensor_model_parallel_size {tp} x expert_model_parallel_size {ep} needs {tp * ep} "
-                           f"processes: launch with torchrun --nproc-per-node {tp * ep} -m nemo_upcycle.cli train ...")
-    check_parallel_sizes(world, tp, ep, default_backend() if cfg.backend == "auto" else cfg.backend)
-    if world == 1:
+    shards = layout.model_parallel * layout.expert_model_parallel_size
+    if world == 1 and shards > 1:
+        raise UpcycleError(f"tensor x pipeline x expert parallel sizes need {shards} processes: launch with "
+                           f"torchrun --nproc-per-node {shards} -m nemo_upcycle.cli train ...")
+    backend = default_backend() if cfg.backend == "auto" else cfg.backend
+    layout.check(world, backend)
+    if backend != "megatron":
         return 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    clip = trainer_args.pop("gradient_clip_val", None)  # Megatron's optimizer clips, over all shards
     trainer_args.update(devices=local, num_nodes=world // local, use_distributed_sampler=False,
                         strategy=MegatronParallelStrategy(
-        tp, ep, process_group_backend="nccl" if trainer_args.get("accelerator") == "gpu" else "gloo"))
-    return world // tp
+        layout, clip_grad=clip, process_group_backend="nccl" if trainer_args.get("accelerator") == "gpu" else "gloo"))
+    return world // layout.model_parallel
 
 
 def train(cfg: DictConfig) -> TrainResult:
@@ -117,9 +121,11 @@ def train(cfg: DictConfig) -> TrainResult:
                            f"{cfg.micro_batch_size} x {data_parallel} data-parallel ranks")
     pl.seed_everything(cfg.seed, workers=True)
     monitor, history = ExpertLoadMonitor(), LossHistory()
-    trainer = pl.Trainer(**trainer_args, callbacks=[monitor, history],
-                         accumulate_grad_batches=cfg.global_batch_size // (cfg.micro_batch_size * data_parallel))
-    if isinstance(trainer.strategy, MegatronParallelStrategy):
+    engine = isinstance(trainer_args.get("strategy"), MegatronParallelStrategy)
+    # The engine runs a global batch's micro-batches itself; Lightning accumulates them for the torch backend.
+    accumulate = 1 if engine else cfg.global_batch_size // (cfg.micro_batch_size * data_parallel)
+    trainer = pl.Trainer(**trainer_args, callbacks=[monitor, history], accumulate_grad_batches=accumulate)
+    if engine:
         trainer.strategy.setup_environment()  # parallel_state must exist before the Megatron model is built
     em = OmegaConf.to_container(cfg.exp_manager, resolve=True)
     em.setdefault("name", cfg.name)
@@ -130,6 +136,8 @@ def train(cfg: DictConfig) -> TrainResult:
     start = time.perf_counter()
     trainer.fit(model)
     seconds = time.perf_counter() - start
+    if model.engine is not None:
+        model.engine.sync_params()
     nemo_path = Path(cfg.save_nemo) if cfg.save_nemo else exp_dir / f"{cfg.name}.nemo"
     model.save_to(str(nemo_path))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
@@ -147,8 +155,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Hydra overrides of conf/train.yaml, e.g. restore_from=moe.nemo trainer.max_steps=200 "
                              "data.data_prefix=[data/stdlib_text_document] backend=megatron optim.lr=1e-4 "
                              "+upcycle.shorthand=E8G8T8 (upcycle a dense restore_from in memory first); under "
-                             "torchrun also tensor_model_parallel_size=N expert_model_parallel_size=M (the rest of "
-                             "the process count is data parallelism)")
+                             "torchrun also tensor_model_parallel_size, pipeline_model_parallel_size, "
+                             "virtual_pipeline_model_parallel_size, expert_model_parallel_size, "
+                             "expert_tensor_parallel_size (the rest of the process count is data parallelism), "
+                             "use_distributed_optimizer, overlap_grad_reduce, overlap_param_gather")
     parser.add_argument("--config-name", default="train", help="config in conf/ to start from (default: train)")
     parser.add_argument("--print-config", action="store_true", help="print the composed config and exit")
 
