@@ -90,3 +90,16 @@ def test_our_reader_takes_the_model_from_the_args_alone(megatron, tmp_path):
               "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax",
               "moe_shared_expert_intermediate_size", "rotary_percentage", "share_embeddings_and_output_weights")
     assert {f: getattr(got, f) for f in fields} == {f: getattr(want, f) for f in fields}
+
+
+def test_reading_args_leaves_megatron_able_to_load_common_pt(megatron, tmp_path):
+    """Our reader reads the args with weights_only=True; afterwards megatron-core's own loader (which relies on
+    the Namespace allow-listing it did at import) must still read a common.pt holding them."""
+    from megatron.core import dist_checkpointing
+
+    src = write_nemo_dir(tmp_path / "dense", random_model(small_config()), spm=None)
+    convert(src, tmp_path / "out", UpcycleConfig.from_shorthand("E2G1T2"), output_format="megatron", progress=False)
+    (tmp_path / "out" / "model_config.yaml").unlink()
+    open_checkpoint(tmp_path / "out").close()  # reads common.pt's args
+    common = dist_checkpointing.load_common_state_dict(str(tmp_path / "out" / "iter_0000000"))
+    assert isinstance(common["args"], argparse.Namespace)

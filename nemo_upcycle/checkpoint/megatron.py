@@ -142,9 +142,11 @@ def gpt_config_from_transformer_config(model: dict[str, Any], vocab_size: int) -
 
 def _load_args(common_pt: Path) -> dict[str, Any] | None:
     """Megatron-LM's args from common.pt, with weights_only=True (argparse.Namespace allowed, nothing else)."""
+    # Registered for good, as megatron-core does at import: the `safe_globals` context manager would un-register
+    # it on exit even when megatron-core had, and its dist_checkpointing.load would then refuse our common.pt
+    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            common = torch.load(common_pt, map_location="cpu", weights_only=True)
+        common = torch.load(common_pt, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any object beyond plain data: fall back to other config sources
         return None
     args = common.get("args") if isinstance(common, dict) else None
