@@ -24,6 +24,7 @@ from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
+from nemo_upcycle.models.hf import ENGINES
 from nemo_upcycle.models.keys import layer_index, stack_experts
 from nemo_upcycle.recipe import UpcycleConfig, moe_config, upcycle_layer_mlp
 from nemo_upcycle.recipe.config import ROUTER_INITS, ROUTER_TYPES, SCALING_METHODS
@@ -178,11 +179,13 @@ def peak_rss_bytes() -> int:
 def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConfig | None,
             output_format: str = "nemo", input_format: str = "auto", pack: bool = True, overwrite: bool = False,
             model_config: dict[str, Any] | None = None, verify_layers: int | None = None,
-            progress: bool = True, hf_arch: str | None = None, max_shard_size: str | int | None = None) -> Summary:
+            progress: bool = True, hf_arch: str | None = None, max_shard_size: str | int | None = None,
+            target_engine: str | None = None) -> Summary:
     """Upcycle `input_path` into `output_path` (`recipe` None: convert the format only). `verify_layers`: after
     writing, compare that many leading layers (0 = all) of input and output with the reference model and check
     every expert tensor's checksum against the recipe (written to `<output>.checksums.json`); None skips it.
-    `hf_arch`, `max_shard_size`: the architecture and shard size of a Hugging Face output (`output_format` hf)."""
+    `hf_arch`, `max_shard_size`: the architecture and shard size of a Hugging Face output (`output_format` hf);
+    `target_engine`: refuse an hf export that engine would compute differently (models.hf.engine_problem)."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -190,7 +193,7 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
     check_output_path(output_path, overwrite)
     with open_checkpoint(input_path, input_format, model_config) as reader:
         plan = plan_conversion(reader, recipe, str(input_path))
-        check_output_format(output_format, plan.moe, hf_arch)
+        check_output_format(output_format, plan.moe, hf_arch, target_engine)
         writer = make_writer(output_format, output_path, overwrite, pack, hf_arch, max_shard_size)
         check_free_disk(output_path, plan.bytes_out + writer.overhead_bytes(plan.outputs))
         bar = tqdm(total=plan.dense.num_layers, unit="layer", desc="upcycling", disable=not progress)
@@ -333,6 +336,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--hf-arch", choices=HF_ARCHS,
                    help="Hugging Face MoE architecture for --format hf: mixtral (topK-then-softmax only), "
                         "qwen2_moe (either router, shared expert, q/k/v biases), qwen3_moe (qk-norm models)")
+    o.add_argument("--target-engine", choices=ENGINES,
+                   help="refuse an --format hf export this serving engine would compute differently from our model "
+                        "(vllm: every export is exact; llama.cpp: fixed top-k renormalisation per architecture, "
+                        "no Qwen3-MoE dense layers; sglang: no Qwen2-MoE dense layers)")
     o.add_argument("--max-shard-size", default=None,
                    help="largest safetensors shard for --format hf, e.g. 5GB (default), 500MB, 2GiB")
     o.add_argument("--input-format", choices=INPUT_FORMATS, default="auto", help="default: detected")
@@ -355,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         with open_checkpoint(args.input, args.input_format, model_config) as reader:
             plan = plan_conversion(reader, recipe, str(args.input))
-            check_output_format(args.output_format, plan.moe, args.hf_arch)
+            check_output_format(args.output_format, plan.moe, args.hf_arch, args.target_engine)
         rows = [[n, "x".join(map(str, t.shape)), str(t.dtype).replace("torch.", ""), f"{t.nbytes / 1e6:.2f}"]
                 for n, t in plan.outputs.items()]
         print(markdown_table(["tensor", "shape", "dtype", "MB"], rows))
@@ -364,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     summary = convert(args.input, args.output, recipe, args.output_format, args.input_format, args.pack,
                       args.overwrite, model_config, args.verify, progress=not args.quiet, hf_arch=args.hf_arch,
-                      max_shard_size=args.max_shard_size)
+                      max_shard_size=args.max_shard_size, target_engine=args.target_engine)
     print(summary.table())
     if summary.verify and summary.verify.get("status") == "FAILED":
         return 1

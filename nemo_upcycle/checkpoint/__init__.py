@@ -76,15 +76,23 @@ def make_writer(output_format: str, path: Path | str, overwrite: bool = False, p
     raise UpcycleError(f"unknown output format '{output_format}': use one of {', '.join(OUTPUT_FORMATS)}")
 
 
-def check_output_format(output_format: str, config: GPTConfig, hf_arch: str | None = None) -> None:
-    """Refuse, before any tensor is read, a model `output_format` cannot represent exactly (one-line errors)."""
+def check_output_format(output_format: str, config: GPTConfig, hf_arch: str | None = None,
+                        target_engine: str | None = None) -> None:
+    """Refuse, before any tensor is read, a model `output_format` cannot represent exactly, or that
+    `target_engine` would compute differently (one-line errors)."""
     if output_format == "hf":
-        from nemo_upcycle.models.hf import MOE_ARCHS, check_hf_target
+        from nemo_upcycle.models.hf import MOE_ARCHS, check_hf_target, engine_problem
 
         if not hf_arch:
             raise UpcycleError(f"--format hf needs --hf-arch: one of {', '.join(MOE_ARCHS)}")
         check_hf_target(config, hf_arch)
-    elif output_format in ("nemo", "megatron"):
+        problem = engine_problem(config, hf_arch, target_engine) if target_engine else None
+        if problem:
+            raise UpcycleError(f"--target-engine {target_engine} --hf-arch {hf_arch}: {problem}")
+    elif target_engine:
+        raise UpcycleError(f"--target-engine is for --format hf exports; {output_format} output has no engine to "
+                           "check against: drop --target-engine")
+    if output_format in ("nemo", "megatron"):
         from nemo_upcycle.checkpoint.megatron import megatron_args
         from nemo_upcycle.checkpoint.nemo_config import check_nemo_expressible, nemo_config_from_gpt
 

@@ -142,9 +142,11 @@ def gpt_config_from_transformer_config(model: dict[str, Any], vocab_size: int) -
 
 def _load_args(common_pt: Path) -> dict[str, Any] | None:
     """Megatron-LM's args from common.pt, with weights_only=True (argparse.Namespace allowed, nothing else)."""
+    # Registered for good, as megatron-core does at import: the `safe_globals` context manager would un-register
+    # it on exit even when megatron-core had, and its dist_checkpointing.load would then refuse our common.pt
+    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            common = torch.load(common_pt, map_location="cpu", weights_only=True)
+        common = torch.load(common_pt, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any object beyond plain data: fall back to other config sources
         return None
     args = common.get("args") if isinstance(common, dict) else None
@@ -280,6 +282,65 @@ def megatron_args(cfg: GPTConfig) -> list[str]:
     return flags
 
 
+def megatron_lm_args(cfg: GPTConfig, params_dtype: torch.dtype) -> argparse.Namespace:
+    """The `args` namespace Megatron-LM saves in `common.pt` (its argument names), holding what a loader needs
+    to rebuild this model: Megatron-LM's `load_args_from_checkpoint` (--use-checkpoint-args) sets the model
+    arguments from it, and Megatron-Bridge reads it when a checkpoint has no run_config.yaml
+    (`_load_args_from_checkpoint`, `_transformer_config_from_args`: TransformerConfig fields copied by name)."""
+    moe = cfg.is_moe
+    freq = cfg.moe_layer_freq
+    values: dict[str, Any] = dict(
+        # model, as pretrain_gpt.py's flags (megatron_args) set them
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, kv_channels=cfg.head_dim,
+        group_query_attention=cfg.num_groups != cfg.num_attention_heads,
+        num_query_groups=cfg.num_groups if cfg.num_groups != cfg.num_attention_heads else None,
+        seq_length=cfg.seq_length, max_position_embeddings=cfg.seq_length,
+        position_embedding_type="rope", add_position_embedding=True, use_rotary_position_embeddings=False,
+        rotary_percent=cfg.rotary_percentage, rotary_base=int(cfg.rotary_base), rotary_interleaved=False,
+        swiglu=cfg.activation == "swiglu", squared_relu=cfg.activation == "squared-relu",
+        gated_linear_unit=cfg.gated,
+        normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm",
+        apply_layernorm_1p=cfg.normalization == "layernorm1p",
+        layernorm_zero_centered_gamma=cfg.normalization == "layernorm1p",
+        norm_epsilon=cfg.layernorm_epsilon, layernorm_epsilon=cfg.layernorm_epsilon,
+        add_bias_linear=cfg.bias, add_qkv_bias=cfg.qkv_bias or cfg.bias, qk_layernorm=cfg.qk_layernorm,
+        untie_embeddings_and_output_weights=not cfg.share_embeddings_and_output_weights,
+        init_method_std=cfg.init_method_std, apply_query_key_layer_scaling=False,
+        attention_dropout=0.0, hidden_dropout=0.0, spec=None, params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        # MoE
+        num_experts=cfg.num_moe_experts if moe else None, num_moe_experts=cfg.num_moe_experts if moe else None,
+        moe_ffn_hidden_size=cfg.expert_ffn_hidden_size if moe else None, moe_router_topk=cfg.moe_router_topk,
+        moe_router_pre_softmax=cfg.moe_router_pre_softmax, moe_router_score_function=cfg.moe_router_score_function,
+        moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor, moe_router_enable_expert_bias=False,
+        moe_layer_freq=freq if isinstance(freq, int) else list(freq), moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_z_loss_coeff=cfg.moe_z_loss_coeff, moe_router_load_balancing_type="aux_loss",
+        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=moe, moe_router_dtype="fp32" if moe else None,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=cfg.moe_shared_expert_gate,
+        # vocabulary: no tokenizer travels in a Megatron checkpoint; a NullTokenizer of the padded size
+        # (its vocab_size is the given one + 1 for EOD) rebuilds the embedding shape exactly
+        tokenizer_type="NullTokenizer", vocab_size=cfg.vocab_size - 1, padded_vocab_size=cfg.vocab_size,
+        make_vocab_size_divisible_by=1, tokenizer_model=None,
+        # parallelism and checkpoint format of this (unsharded) checkpoint
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, context_parallel_size=1, ckpt_format="torch_dist",
+        use_dist_ckpt=True, iteration=0,
+        # the rest of what Bridge's _transformer_config_from_args reads by attribute, at Megatron-LM's defaults
+        multi_latent_attention=False, heterogeneous_layers_config_path=None, no_persist_layer_norm=False,
+        overlap_p2p_comm=False, decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+        fp8_param_gather=False, bias_swiglu_fusion=False, bias_gelu_fusion=False, init_method_xavier_uniform=False,
+        config_logger_dir="", cp_comm_type=["p2p"], is_hybrid_model=False,
+    )
+    return argparse.Namespace(**values)
+
+
+def weights_dtype(tensors: dict[str, TensorInfo]) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (every reader guarantees an embedding)."""
+    return tensors["embedding.word_embeddings.weight"].dtype
+
+
 class MegatronWriter(CheckpointWriter):
     def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:
         return 1 << 20
@@ -290,7 +351,8 @@ class MegatronWriter(CheckpointWriter):
         with atomic_output(self.path, self.overwrite) as out:
             out.mkdir(parents=True)
             write_megatron_dist(out / "iter_0000000", config, tensors, fetch, prefix="",
-                                common={"checkpoint_version": 3.0, "iteration": 0})
+                                common={"checkpoint_version": 3.0, "iteration": 0,
+                                        "args": megatron_lm_args(config, weights_dtype(tensors))})
             (out / TRACKER).write_text("0")
             (out / "megatron_args.txt").write_text("\n".join(flags) + "\n")
             (out / "model_config.yaml").write_text(yaml.safe_dump(nemo_config_from_gpt(config), sort_keys=False))

@@ -27,8 +27,8 @@ from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter, atomic_output
 from nemo_upcycle.checkpoint.base import (
     CheckpointReader, CheckpointWriter, Fetch, TensorInfo, Tokenizer, model_order)
 from nemo_upcycle.checkpoint.layout import canonical_names
-from nemo_upcycle.checkpoint.megatron import write_megatron_dist
-from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
+from nemo_upcycle.checkpoint.megatron import weights_dtype, write_megatron_dist
+from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt, with_nemo_restore_sections
 from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
@@ -276,6 +276,7 @@ class NemoWriter(CheckpointWriter):
         tokenizer = source.tokenizer
         if tokenizer is not None:
             model_cfg["tokenizer"] = tokenizer.config
+        model_cfg = with_nemo_restore_sections(model_cfg, weights_dtype(tensors))
         files = {"model_config.yaml": yaml.safe_dump(model_cfg, sort_keys=False).encode()}
         if tokenizer is not None:
             files.update(tokenizer.artifacts)

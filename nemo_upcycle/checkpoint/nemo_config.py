@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.megatron import rope_arguments
@@ -135,6 +137,36 @@ def nemo_config_from_gpt(gpt: GPTConfig, base: dict[str, Any] | None = None) -> 
         if gpt.moe_layer_freq != 1:
             cfg["name"] = "decoder_block_gpt"  # NeMo's spec name for mixed dense / MoE decoders
     return cfg
+
+
+# Sections NeMo 1.x/2.x MegatronGPTModel reads by attribute from its (struct) config while it is built or
+# restored, with the values of NeMo 2.4's examples/nlp/language_modeling/conf/megatron_gpt_config.yaml.
+# A config without one fails restore_from, e.g. "Key 'optim' is not in struct" (MegatronBaseModel.__init__
+# reads cfg.optim.get('name')); `tokenizer` is required too (it sizes the vocabulary) and comes from the source.
+NEMO_RESTORE_DEFAULTS: dict[str, Any] = {
+    "precision": "bf16",
+    "micro_batch_size": 4,
+    "global_batch_size": 8,
+    "tensor_model_parallel_size": 1,
+    "pipeline_model_parallel_size": 1,
+    "make_vocab_size_divisible_by": 128,
+    "seed": 1234,
+    "optim": {
+        "name": "fused_adam", "lr": 2e-4, "weight_decay": 0.01, "betas": [0.9, 0.98],
+        "sched": {"name": "CosineAnnealing", "warmup_steps": 500, "constant_steps": 0, "min_lr": 2e-5},
+    },
+}
+NEMO_PRECISIONS = {torch.bfloat16: "bf16", torch.float16: 16, torch.float32: 32}
+
+
+def with_nemo_restore_sections(cfg: dict[str, Any], dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """`cfg` with every section NeMo's MegatronGPTModel needs to restore it present: the source's own where it
+    had them, NeMo's defaults otherwise; `precision` follows the weights' dtype when the source set none."""
+    out = dict(cfg)
+    for key, value in NEMO_RESTORE_DEFAULTS.items():
+        if out.get(key) is None:
+            out[key] = NEMO_PRECISIONS.get(dtype, value) if key == "precision" and dtype is not None else value
+    return out
 
 
 def check_nemo_expressible(gpt: GPTConfig) -> None:

@@ -477,6 +477,29 @@ def hf_target_problem(cfg: GPTConfig, arch: str) -> str | None:
     return None
 
 
+# Serving engines `--target-engine` knows: vLLM computes every export exactly (measured, scripts/engine_check.sh);
+# llama.cpp hard-codes the top-k renormalisation per architecture (Qwen2-MoE never, Qwen3-MoE and Mixtral always)
+# and does not convert Qwen3-MoE dense layers (measured); SGLang builds every Qwen2-MoE layer sparse (its source).
+ENGINES = ("vllm", "llama.cpp", "sglang")
+
+
+def engine_problem(cfg: GPTConfig, arch: str, engine: str) -> str | None:
+    """Why `engine` would compute a different function from a `arch` export of `cfg`, or None when it would not."""
+    partial = not all(cfg.moe_layer_pattern())
+    if engine == "llama.cpp":
+        if arch == "qwen2_moe" and not cfg.moe_router_pre_softmax:
+            return ("llama.cpp never renormalises Qwen2-MoE top-k weights, this model routes topK-then-softmax: "
+                    "use --router softmax_then_topk, or --hf-arch mixtral")
+        if arch == "qwen3_moe" and cfg.moe_router_pre_softmax:
+            return ("llama.cpp always renormalises Qwen3-MoE top-k weights, this model routes softmax-then-topK: "
+                    "use --router topk_then_softmax")
+        if arch == "qwen3_moe" and partial:
+            return "llama.cpp cannot convert Qwen3-MoE dense layers (mlp_only_layers): upcycle every layer"
+    if engine == "sglang" and arch == "qwen2_moe" and partial:
+        return "SGLang builds every Qwen2-MoE layer as MoE (it ignores mlp_only_layers): upcycle every layer"
+    return None
+
+
 def check_hf_target(cfg: GPTConfig, arch: str) -> None:
     """One-line refusal, naming the targets that would work, when `arch` cannot represent `cfg` exactly."""
     if arch not in MOE_ARCHS:

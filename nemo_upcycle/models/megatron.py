@@ -8,6 +8,7 @@ sequence parallelism (Megatron's torch norm wrapper refuses both) and the `pre_m
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,15 @@ def build_megatron_gpt(cfg: GPTConfig, use_te: bool | None = None, grouped_gemm:
     )
 
 
+def spec_class(spec: Any) -> Any:
+    """The class a Megatron spec entry builds: a ModuleSpec's `module`, a bare class, or either wrapped in
+    `functools.partial` (megatron-core >= 0.19 binds spec arguments that way), unwrapped."""
+    module = getattr(spec, "module", spec)
+    while isinstance(module, functools.partial):
+        module = module.func
+    return module
+
+
 def _checkpoint_moe_norm_like_te(block_spec) -> None:
     """Megatron's local spec renames every layer's `pre_mlp_layernorm` to `mlp.linear_fc1.layer_norm_*` in
     checkpoints, MoE layers included; the TE spec (what NeMo and Megatron-LM train with) keeps
@@ -130,7 +140,7 @@ def _checkpoint_moe_norm_like_te(block_spec) -> None:
 
     for layer_spec in block_spec.layer_specs:
         sub = layer_spec.submodules
-        if getattr(sub.mlp, "module", None) is MoELayer:
+        if spec_class(sub.mlp) is MoELayer:
             sub.sharded_state_dict_keys_map = {
                 k: v for k, v in sub.sharded_state_dict_keys_map.items() if k != "pre_mlp_layernorm."
             }
@@ -168,9 +178,19 @@ class LocalNorm:
 def _use_local_norms(block_spec) -> None:
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    def local(module):  # keeps the arguments a functools.partial bound
+        if isinstance(module, functools.partial):
+            return functools.partial(local(module.func), *module.args, **module.keywords)
+        return LocalNorm
+
     def swap(holder, attr: str) -> None:
-        if getattr(holder, attr, None) is WrappedTorchNorm:
-            setattr(holder, attr, LocalNorm)
+        norm = getattr(holder, attr, None)
+        if spec_class(norm) is not WrappedTorchNorm:
+            return
+        if hasattr(norm, "module"):  # a ModuleSpec
+            norm.module = local(norm.module)
+        else:
+            setattr(holder, attr, local(norm))
 
     swap(block_spec, "layer_norm")
     for layer_spec in block_spec.layer_specs:

@@ -89,7 +89,7 @@ class UpcycleSaveRestoreConnector(SaveRestoreConnector):
             if override_config_path is not None:
                 override = override_config_path if isinstance(override_config_path, DictConfig) \
                     else OmegaConf.load(override_config_path)
-                conf = OmegaConf.merge(conf, override)
+                conf = with_overrides(conf, override)
             if return_config:
                 return conf
             instance = calling_cls.from_config_dict(config=conf, trainer=trainer)
@@ -111,6 +111,14 @@ def shared_tmpdir() -> Iterator[Path]:
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
             shutil.rmtree(name[0], ignore_errors=True)
+
+
+def with_overrides(conf: DictConfig, override: DictConfig) -> DictConfig:
+    """`conf` with `override` merged in, except that an `optim` in `override` replaces the checkpoint's whole: a
+    run's optimiser is its own (a .nemo's fused_adam `betas` must not reach the run's SGD)."""
+    if "optim" in override:
+        conf = OmegaConf.create({k: v for k, v in OmegaConf.to_container(conf).items() if k != "optim"})
+    return OmegaConf.merge(conf, override)
 
 
 def model_config_for(gpt: GPTConfig, base: dict[str, Any] | None, tokenizer: Tokenizer | None) -> DictConfig:
@@ -160,7 +168,7 @@ class MegatronUpcycledGPTModel(ModelPT):
             moe_cfg, state = upcycle_state_dict(reader.state_dict(), reader.config, recipe)
             conf = model_config_for(moe_cfg, reader.source_config, reader.tokenizer)
             if overrides:
-                conf = OmegaConf.merge(conf, OmegaConf.create(overrides))
+                conf = with_overrides(conf, OmegaConf.create(overrides))
             model = cls.from_config_dict(config=conf, trainer=trainer)
             model.tokenizer_spec = reader.tokenizer
         model.load_canonical_state_dict(stack_experts(state))
