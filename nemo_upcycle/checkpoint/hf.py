@@ -36,7 +36,7 @@ class HFReader(CheckpointReader):
             raise UpcycleError(f"{self.path} has no config.json: pass a Hugging Face model folder")
         self.source_config = _load_json(config_file)
         self.family = self.source_config.get("model_type")
-        if self.family not in hf_names.FAMILIES:
+        if not isinstance(self.family, str) or self.family not in hf_names.FAMILIES:
             raise UpcycleError(f"unsupported Hugging Face model_type '{self.family}': supported are "
                                f"{', '.join(hf_names.FAMILIES)}")
         self._files = self._weight_files()
@@ -144,7 +144,9 @@ class HFReader(CheckpointReader):
         infos = {ours: _info(self._meta(theirs)) for ours, theirs in self._global_keys().items()}
         used = set(self._global_keys().values()) | self._ignored
         for i in range(self.config.num_layers):
-            infos.update({k: _info(v) for k, v in self._layer(i, self._meta).items()})
+            with bad_file(self.path / "config.json", "does not match the tensor shapes of the weights",
+                          "does config.json belong to these weights?"):
+                infos.update({k: _info(v) for k, v in self._layer(i, self._meta).items()})
             for groups, _ in hf_names.layer_sources(self._has, i, self.config, self.family).values():
                 used.update(n for g in groups for n in g)
         unexpected = set(self._files) - used
