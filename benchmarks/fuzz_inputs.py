@@ -12,8 +12,12 @@ under a per-case alarm, with a private TMPDIR. Outcomes:
   success            exit 0 (or 1: --verify ran and reported FAILED), output written
   traceback          any other exception escaped the entry point (recorded: type and deepest project frame)
   hang               the case ran past its time limit
-and, counted on top of the outcome, the safety failures: files left in the private TMPDIR or beside the
-output (`.out.tmp-*`), an output path present after a failed run, an input file changed, a payload executed.
+
+and counted on top of the outcome, the safety failures: files left in the private TMPDIR or beside the output
+(`.out.tmp-*`), an output path present after a failed run, an input file changed, a payload executed.
+Before the cases each unmutated seed is converted once (it must succeed): caches that libraries make in TMPDIR
+on first use (torchinductor's cache directory, wandb's media directories at import) appear then, so a case's
+private TMPDIR shows only what that case left.
 
     python benchmarks/fuzz_inputs.py --cases 10000 [--seed 0] [--timeout 30] [--workdir fuzz_out]
 
@@ -56,15 +60,13 @@ PAYLOAD = "PWNED"  # a hostile YAML tag or pickle would create this file in the 
 
 def build_seeds(directory: Path) -> dict[str, Path]:
     """One small valid input per kind (the Hydra kind reuses the .nemo tar). Built once; cached on disk."""
-    import argparse as ap
-
-    import torch
     import yaml
 
     from nemo_upcycle.compat import init_megatron
     from tests.conftest import random_model, small_config
     from tests.hf_fixtures import save_dense
-    from tests.nemo_fixtures import megatron_save, nemo_config, pack_nemo, write_nemo_dir
+    from tests.nemo_fixtures import (
+        megatron_save, nemo_config, pack_nemo, spm_model_bytes, write_megatron_lm_dir, write_nemo_dir)
 
     seeds = {k: directory / k / "input" for k in KINDS}
     if (directory / "done").is_file():
@@ -75,7 +77,8 @@ def build_seeds(directory: Path) -> dict[str, Path]:
     model = random_model(cfg)
     for k in KINDS:
         (directory / k).mkdir(parents=True)
-    write_nemo_dir(seeds["nemo_dir"], model, spm=None)
+    (directory / "spm").mkdir()
+    write_nemo_dir(seeds["nemo_dir"], model, spm=spm_model_bytes(directory / "spm"))  # with a tokenizer artifact
     pack_nemo(seeds["nemo_dir"], seeds["nemo_tar"])
     pack_nemo(seeds["nemo_dir"], seeds["nemo_gzip"], gzip=True)
     legacy = write_nemo_dir(directory / "legacy_dir", model, spm=None, layout="legacy", tp=2)
@@ -83,16 +86,7 @@ def build_seeds(directory: Path) -> dict[str, Path]:
     shutil.rmtree(legacy)
     shutil.copyfile(seeds["nemo_tar"], seeds["hydra"])
 
-    lm = seeds["megatron_lm"]
-    megatron_save(model, lm / "iter_0000100", prefix="")
-    (lm / "latest_checkpointed_iteration.txt").write_text("100")
-    args = ap.Namespace(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                        group_query_attention=True, num_query_groups=2, kv_channels=None, squared_relu=True,
-                        normalization="LayerNorm", apply_layernorm_1p=True, norm_epsilon=1e-5,
-                        add_bias_linear=False, position_embedding_type="rope", rotary_percent=0.5,
-                        rotary_base=10000, untie_embeddings_and_output_weights=True, seq_length=32,
-                        max_position_embeddings=32, init_method_std=0.02)
-    torch.save({"args": args, "iteration": 100, "checkpoint_version": 3.0}, lm / "iter_0000100" / "common.pt")
+    write_megatron_lm_dir(seeds["megatron_lm"], model)
 
     bridge = seeds["megatron_bridge"]
     megatron_save(model, bridge / "iter_0000000", prefix="")
@@ -526,8 +520,9 @@ class Result:
     seconds: float
 
 
-def run_case(case: Case, rng: random.Random, seeds: dict[str, Path], workdir: Path, timeout: float) -> Result:
-    """Copy the seed, mutate it, run the entry point in this process, classify."""
+def run_case(case: Case, rng: random.Random, seeds: dict[str, Path], workdir: Path, timeout: float,
+             mutate: bool = True) -> Result:
+    """Copy the seed, mutate it (unless `mutate` is false), run the entry point in this process, classify."""
     case_dir = workdir / f"case_{case.index}"
     shutil.rmtree(case_dir, ignore_errors=True)
     case_dir.mkdir(parents=True)
@@ -539,7 +534,7 @@ def run_case(case: Case, rng: random.Random, seeds: dict[str, Path], workdir: Pa
         shutil.copyfile(seed, inp)
     descriptions = []
     mutate_chance = 1.0 if not case.argv_extra else 0.3
-    if rng.random() < mutate_chance:
+    if mutate and rng.random() < mutate_chance:
         descriptions.append(mutate_input(inp, case.kind, rng))
     if case.argv_extra:
         descriptions.append("args:" + " ".join(case.argv_extra))
@@ -662,14 +657,21 @@ BAD_FLAGS = ("tmp_leftover", "output_tmp_leftover", "output_after_failure", "suc
 
 
 def run_fuzz(cases: int, workdir: Path, seed: int = 0, timeout: float = 30.0, start: int = 0,
-             progress: bool = True, kinds: tuple[str, ...] = KINDS) -> list[Result]:
+             progress: bool = True, kinds: tuple[str, ...] = KINDS,
+             on_result: Callable[[Result], None] | None = None) -> list[Result]:
     from tqdm import tqdm
 
     seeds = build_seeds(workdir / "seeds")
+    for k, kind in enumerate(kinds):  # warm-up: libraries' one-time caches at first use are not a case's leftovers
+        warm = run_case(Case(kind, -1 - k), random.Random(0), seeds, workdir / "cases", timeout, mutate=False)
+        if warm.outcome != "success":
+            raise RuntimeError(f"the unmutated {kind} seed does not convert: {warm.detail}")
     results = []
     for i in tqdm(range(start, start + cases), desc="fuzz", unit="case", disable=not progress):
         case, rng = make_case(i, kinds, seed)
         results.append(run_case(case, rng, seeds, workdir / "cases", timeout))
+        if on_result is not None:
+            on_result(results[-1])
     return results
 
 
@@ -703,26 +705,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="fuzz seed (default 0)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before a case counts as a hang")
     p.add_argument("--workdir", type=Path, default=Path("fuzz_out"), help="seeds and scratch space")
-    p.add_argument("--report", type=Path, help="write every case's result as JSON lines here")
+    p.add_argument("--report", type=Path, help="write every case's result as JSON lines here, as it comes")
+    p.add_argument("--memory-limit-gb", type=float, default=12.0,
+                   help="address-space limit of this process, so a runaway allocation is a MemoryError (counted "
+                        "as a traceback) instead of the machine's OOM killer ending the run (default 12)")
     args = p.parse_args(argv)
     import logging
+    import resource
     import warnings
 
+    limit = int(args.memory_limit_gb * 2 ** 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    report = open(args.report, "w") if args.report else None
+
+    def record(r: Result) -> None:
+        if report is not None:
+            report.write(json.dumps({"index": r.case.index, "kind": r.case.kind, "mutation": r.description,
+                                     "outcome": r.outcome, "detail": r.detail, "flags": r.flags,
+                                     "seconds": round(r.seconds, 3)}) + "\n")
+            report.flush()
+
     t0 = time.perf_counter()
-    results = run_fuzz(args.cases, args.workdir, args.seed, args.timeout, args.start)
+    results = run_fuzz(args.cases, args.workdir, args.seed, args.timeout, args.start, on_result=record)
     print(summarise(results))
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     bad = bad_results(results)
     for r in bad[:40]:
         print(f"case {r.case.index} [{r.case.kind}] {r.outcome} {r.flags}: {r.description} -> {r.detail}")
-    if args.report:
-        with open(args.report, "w") as f:
-            for r in results:
-                f.write(json.dumps({"index": r.case.index, "kind": r.case.kind, "mutation": r.description,
-                                    "outcome": r.outcome, "detail": r.detail, "flags": r.flags,
-                                    "seconds": round(r.seconds, 3)}) + "\n")
+    if report is not None:
+        report.close()
     return 1 if bad else 0
 
 

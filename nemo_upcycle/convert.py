@@ -58,6 +58,9 @@ def check_tensors(given: dict[str, TensorInfo], cfg: GPTConfig, where: str) -> N
             "match the weights?"
         )
     for k, shape in want.items():
+        if not given[k].dtype.is_floating_point:
+            raise UpcycleError(f"tensor {k} in {where} has dtype {str(given[k].dtype).replace('torch.', '')}: only "
+                               "floating-point checkpoints can be upcycled; is the checkpoint corrupt or quantised?")
         if given[k].shape != shape:
             raise UpcycleError(
                 f"shape mismatch for {k} in {where}: checkpoint {given[k].shape}, config implies {shape}"

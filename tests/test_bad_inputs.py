@@ -11,7 +11,6 @@ import os
 import pickle
 import shutil
 import signal
-import struct
 import tarfile
 import tempfile
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks.fuzz_inputs import BAD_FLAGS, bad_results, build_seeds, run_fuzz, summarise
 from nemo_upcycle.cli import main
@@ -244,3 +245,30 @@ def test_fuzz_sample(seeds, tmp_path):
     outcomes = {r.outcome for r in results}
     assert outcomes == {"clean_error", "success"}
     assert not any(set(r.flags) & set(BAD_FLAGS) for r in results)
+
+
+@settings(max_examples=300, deadline=None)
+@given(recipe=st.one_of(st.none(), st.text(max_size=12), st.from_regex(r"E\d{1,7}G\d{1,3}T\d{1,3}", fullmatch=True)),
+       numbers=st.dictionaries(st.sampled_from(["--expansion", "--granularity", "--topk", "--num-experts",
+                                                "--layer-freq", "--seed"]), st.integers(-2 ** 40, 2 ** 40)),
+       layers=st.one_of(st.none(), st.text(alphabet="0123456789,-x ", max_size=10)),
+       weight_scaling=st.one_of(st.none(), st.text(max_size=6), st.floats().map(str)))
+def test_any_recipe_options_build_a_recipe_or_a_one_line_error(recipe, numbers, layers, weight_scaling):
+    """Whatever numbers and text the recipe options get, the recipe is built or refused with an UpcycleError."""
+    from nemo_upcycle.cli import build_parser
+    from nemo_upcycle.convert import recipe_from_args
+    from nemo_upcycle.errors import UpcycleError
+
+    argv = ["convert", "in", "out"]
+    for flag, value in [("--recipe", recipe), ("--layers", layers), ("--weight-scaling", weight_scaling)]:
+        if value is not None:
+            argv.append(f"{flag}={value}")
+    for flag, value in numbers.items():
+        argv.append(f"{flag}={value}")
+    args = build_parser().parse_args(argv)
+    try:
+        config = recipe_from_args(args)
+    except UpcycleError as err:
+        assert "\n" not in str(err)
+        return
+    assert config is None or 1 <= config.topk <= config.num_experts <= 4096

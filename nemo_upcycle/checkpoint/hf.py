@@ -88,7 +88,7 @@ class HFReader(CheckpointReader):
     def _check_layers(self) -> None:
         """The layers the weights hold are those config.json declares (checked before any loop over them)."""
         held = {int(m[1]) for k in self._files if (m := re.match(r"model\.layers\.(\d+)\.", k))}
-        if held != set(range(self.config.num_layers)):
+        if len(held) != self.config.num_layers or held != set(range(self.config.num_layers)):
             raise UpcycleError(f"config.json in {self.path} declares {self.config.num_layers} layers but the weights "
                                f"hold {len(held)} (model.layers.N): does config.json belong to these weights?")
 

@@ -12,7 +12,8 @@ from nemo_upcycle.errors import UpcycleError, check_field_types
 NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
 # RoPE frequency scalings, by Hugging Face's rope_type names (None: plain RoPE); see reference.rope_cos_sin.
 ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
-MAX_SIZE = 1 << 31  # any layer count, width, vocabulary or context length beyond this is a corrupt config
+MAX_SIZE = 1 << 31  # any width, vocabulary or context length beyond this is a corrupt config
+MAX_LAYERS = 1 << 16  # per-layer lists and loops stay small (the deepest published models have ~200 layers)
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,9 @@ class GPTConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UpcycleError(f"model config {name} must be a positive integer, got {value!r}")
-            if value is not None and value > MAX_SIZE:
-                raise UpcycleError(f"model config {name} {value} is beyond any real model (at most {MAX_SIZE}): "
+            limit = MAX_LAYERS if name == "num_layers" else MAX_SIZE
+            if value is not None and value > limit:
+                raise UpcycleError(f"model config {name} {value} is beyond any real model (at most {limit}): "
                                    "is the config corrupt?")
         object.__setattr__(self, "activation", get_activation(self.activation).name)  # one spelling
         if self.normalization not in NORMALIZATIONS:
