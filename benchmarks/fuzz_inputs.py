@@ -604,7 +604,7 @@ def run_case(case: Case, rng: random.Random, seeds: dict[str, Path], workdir: Pa
 
 def _entry(case: Case, inp: Path, output: Path) -> int:
     if case.kind == "hydra":
-        return _hydra_entry(inp, output, case.argv_extra)
+        return hydra_entry(inp, output, case.argv_extra)
     from nemo_upcycle.cli import main
 
     argv = ["convert", str(inp), str(output), "--quiet"]
@@ -621,7 +621,7 @@ def _entry(case: Case, inp: Path, output: Path) -> int:
 _HYDRA_MAIN = None
 
 
-def _hydra_entry(inp: Path, output: Path, overrides: list[str]) -> int:
+def hydra_entry(inp: Path, output: Path, overrides: list[str]) -> int:
     """examples/convert.py's main with the config Hydra composes from conf/upcycle.yaml and the overrides
     (the decorated main takes a composed config as NeMo's hydra_runner allows)."""
     global _HYDRA_MAIN

@@ -14,6 +14,10 @@ from typing import Callable, Iterator
 class UpcycleError(ValueError):
     """Bad input (a recipe, a model config, a checkpoint): the message says what is wrong and what to do."""
 
+    def __init__(self, message: str = "") -> None:
+        # one line whatever user text the message quotes (a recipe or a file name with a newline in it)
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 def reason(err: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for a one-line error."""

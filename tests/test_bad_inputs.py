@@ -219,14 +219,12 @@ def test_bad_numeric_options(copy, tmp_path, args, message):
 
 
 def test_hydra_bad_verify_value_fails_before_any_output(copy, tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from benchmarks.fuzz_inputs import ROOT, _hydra_entry
+    from benchmarks.fuzz_inputs import hydra_entry
 
     out = tmp_path / "o.nemo"
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
-        _hydra_entry(copy("nemo_tar"), out, ["verify=abc"])
+        hydra_entry(copy("nemo_tar"), out, ["verify=abc"])
     assert exit_.value.code == 2
     assert err.getvalue().strip() == ("error: verify must be null (skip), 0 (all layers) or a positive number of "
                                       "layers, got 'abc'")
