@@ -74,6 +74,9 @@ class GPTConfig:
             if value is not None and value > limit:
                 raise UpcycleError(f"model config {name} {value} is beyond any real model (at most {limit}): "
                                    "is the config corrupt?")
+        for name in ("init_method_std", "rotary_base", "layernorm_epsilon"):
+            if not getattr(self, name) > 0:
+                raise UpcycleError(f"model config {name} must be positive, got {getattr(self, name)!r}")
         object.__setattr__(self, "activation", get_activation(self.activation).name)  # one spelling
         if self.normalization not in NORMALIZATIONS:
             raise UpcycleError(
