@@ -663,7 +663,8 @@ def run_fuzz(cases: int, workdir: Path, seed: int = 0, timeout: float = 30.0, st
 
     seeds = build_seeds(workdir / "seeds")
     for k, kind in enumerate(kinds):  # warm-up: libraries' one-time caches at first use are not a case's leftovers
-        warm = run_case(Case(kind, -1 - k), random.Random(0), seeds, workdir / "cases", timeout, mutate=False)
+        warm = run_case(Case(kind, -1 - k), random.Random(0), seeds, workdir / "cases", max(timeout, 600),
+                        mutate=False)  # first use imports NeMo, Hydra, transformers: minutes on a loaded machine
         if warm.outcome != "success":
             raise RuntimeError(f"the unmutated {kind} seed does not convert: {warm.detail}")
     results = []
