@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from nemo_upcycle.checkpoint import (
     INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, TensorInfo, check_output_format, make_writer, open_checkpoint)
-from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path
+from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path, load_yaml_mapping
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
@@ -45,6 +44,10 @@ def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 def check_tensors(given: dict[str, TensorInfo], cfg: GPTConfig, where: str) -> None:
     """One-line errors for missing or unexpected tensors and shape mismatches against the config."""
+    held = len({layer_index(k) for k in given} - {None})
+    if cfg.num_layers > held:  # checked before building the config's model, which may declare 2^31 layers
+        raise UpcycleError(f"{where} is missing tensor decoder.layers.{held}.* (the config declares {cfg.num_layers} "
+                           f"layers, the weights hold {held}): incomplete checkpoint, or a config of another model?")
     want = expected_shapes(cfg)
     missing = [k for k in want if k not in given]
     if missing:
@@ -56,6 +59,9 @@ def check_tensors(given: dict[str, TensorInfo], cfg: GPTConfig, where: str) -> N
             "match the weights?"
         )
     for k, shape in want.items():
+        if not given[k].dtype.is_floating_point:
+            raise UpcycleError(f"tensor {k} in {where} has dtype {str(given[k].dtype).replace('torch.', '')}: only "
+                               "floating-point checkpoints can be upcycled; is the checkpoint corrupt or quantised?")
         if given[k].shape != shape:
             raise UpcycleError(
                 f"shape mismatch for {k} in {where}: checkpoint {given[k].shape}, config implies {shape}"
@@ -189,6 +195,7 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
     from tqdm import tqdm
 
     start = time.perf_counter()
+    check_options(output_format, input_format, pack, overwrite, verify_layers, hf_arch, max_shard_size)
     output_path = Path(output_path)
     check_output_path(output_path, overwrite)
     with open_checkpoint(input_path, input_format, model_config) as reader:
@@ -205,6 +212,29 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
         if verify_layers is not None:
             summary.verify = _verify(reader, output_path, recipe, verify_layers)
     return summary
+
+
+def check_options(output_format: Any, input_format: Any = "auto", pack: Any = True, overwrite: Any = False,
+                  verify_layers: Any = None, hf_arch: Any = None, max_shard_size: Any = None) -> None:
+    """Every option of a conversion checked before any file is read or written (the Hydra entry point passes
+    them as they come from YAML), so a bad value never fails after the output was renamed into place."""
+    from nemo_upcycle.checkpoint.hf_export import parse_size
+
+    for name, value, choices in (("output_format", output_format, OUTPUT_FORMATS),
+                                 ("input_format", input_format, INPUT_FORMATS)):
+        if value not in choices:
+            raise UpcycleError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    for name, value in (("pack", pack), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise UpcycleError(f"{name} must be true or false, got {value!r}")
+    if verify_layers is not None and (not isinstance(verify_layers, int) or isinstance(verify_layers, bool)
+                                      or verify_layers < 0):
+        raise UpcycleError(f"verify must be null (skip), 0 (all layers) or a positive number of layers, "
+                           f"got {verify_layers!r}")
+    if hf_arch is not None and hf_arch not in HF_ARCHS:
+        raise UpcycleError(f"hf_arch must be one of {', '.join(HF_ARCHS)}, got {hf_arch!r}")
+    if max_shard_size is not None and (isinstance(max_shard_size, bool) or parse_size(max_shard_size) < 1):
+        raise UpcycleError(f"max shard size {max_shard_size!r} is not a size such as 5GB, 500MB or 2GiB")
 
 
 def _verify(reader: CheckpointReader, output_path: Path, recipe: UpcycleConfig | None,
@@ -228,8 +258,8 @@ def _model_config(path: Path | str | None) -> dict[str, Any] | None:
     if path is None:
         return None
     if not Path(path).is_file():
-        raise UpcycleError(f"model config {path} does not exist")
-    return yaml.safe_load(Path(path).read_text())
+        raise UpcycleError(f"model config {path} does not exist or is not a regular file")
+    return load_yaml_mapping(path, "model config ")
 
 
 def convert_from_config(cfg: dict[str, Any]) -> Summary:
@@ -237,7 +267,11 @@ def convert_from_config(cfg: dict[str, Any]) -> Summary:
     for key in ("input", "output"):
         if cfg.get(key) in (None, "???"):
             raise UpcycleError(f"set {key}=... (the {key} checkpoint path)")
+        if not isinstance(cfg[key], str):
+            raise UpcycleError(f"{key} must be a path, got {cfg[key]!r}")
     recipe = cfg.get("recipe", {})
+    if recipe is not None and not isinstance(recipe, dict):
+        raise UpcycleError(f"recipe must be a mapping of recipe options (or null: format only), got {recipe!r}")
     return convert(cfg["input"], cfg["output"], None if recipe is None else UpcycleConfig.from_dict(recipe),
                    cfg.get("output_format", "nemo"), cfg.get("input_format", "auto"), cfg.get("pack", True),
                    cfg.get("overwrite", False), _model_config(cfg.get("model_config")), cfg.get("verify"),
@@ -267,6 +301,8 @@ def recipe_from_args(args: argparse.Namespace) -> UpcycleConfig | None:
             values[key] = getattr(args, key)
     if args.num_experts is not None:
         g = values.get("granularity", 1)
+        if g < 1 or args.num_experts < 1:
+            raise UpcycleError(f"--num-experts {args.num_experts} and granularity {g} must be positive integers")
         if args.num_experts % g:
             raise UpcycleError(f"--num-experts {args.num_experts} is not a multiple of granularity {g}")
         values["expansion"] = args.num_experts // g
@@ -275,13 +311,20 @@ def recipe_from_args(args: argparse.Namespace) -> UpcycleConfig | None:
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.layers:
-        values["layers"] = tuple(int(x) for x in args.layers.split(","))
+        values["layers"] = _layer_list(args.layers)
     if args.weight_scaling is not None:
         ws = args.weight_scaling
         values["weight_scaling"] = ws if ws in ("auto", "off") else _float(ws, "--weight-scaling")
     if args.shared_expert:
         values["shared_expert"] = True
     return UpcycleConfig(**values)
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UpcycleError(f"--layers must be comma-separated 0-based layer indices, e.g. 0,2,4; got '{text}'") from None
 
 
 def _shorthand(text: str) -> tuple[int, int, int]:
@@ -358,6 +401,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
+    check_options(args.output_format, args.input_format, args.pack, args.overwrite, args.verify, args.hf_arch,
+                  args.max_shard_size)
     model_config = _model_config(args.model_config)
     if args.dry_run:
         with open_checkpoint(args.input, args.input_format, model_config) as reader:

@@ -40,6 +40,24 @@ def megatron_save(model: GPTModel, directory: Path, prefix: str = "model.") -> N
     dist_checkpointing.save(mg.sharded_state_dict(prefix=prefix), str(directory))
 
 
+def write_megatron_lm_dir(directory: Path, model: GPTModel, iteration: int = 100) -> Path:
+    """A Megatron-LM checkpoint of `small_config()`'s model: tracker file, iter_XXXXXXX/ with torch_dist weights
+    and the pretrain_gpt.py args in common.pt, as Megatron-LM saves them."""
+    import argparse
+
+    megatron_save(model, directory / f"iter_{iteration:07d}", prefix="")
+    (directory / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    args = argparse.Namespace(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                              group_query_attention=True, num_query_groups=2, kv_channels=None, squared_relu=True,
+                              normalization="LayerNorm", apply_layernorm_1p=True, norm_epsilon=1e-5,
+                              add_bias_linear=False, position_embedding_type="rope", rotary_percent=0.5,
+                              rotary_base=10000, untie_embeddings_and_output_weights=True, seq_length=32,
+                              max_position_embeddings=32, init_method_std=0.02)
+    torch.save({"args": args, "iteration": iteration, "checkpoint_version": 3.0},
+               directory / f"iter_{iteration:07d}" / "common.pt")
+    return directory
+
+
 def nemo_config(cfg: GPTConfig, tokenizer_artifact: str | None) -> dict:
     out = nemo_config_from_gpt(cfg)
     out.update(precision="bf16-mixed", megatron_amp_O2=True, make_vocab_size_divisible_by=128,

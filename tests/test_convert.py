@@ -176,22 +176,11 @@ def test_bf16_stays_bf16_and_verify_passes(megatron, tmp_path):
 
 def test_megatron_lm_and_bridge_directories_read_their_config(megatron, tmp_path):
     """Megatron-LM keeps its args in common.pt, Megatron-Bridge a run_config.yaml; both give the model config."""
-    import argparse
-
-    from tests.nemo_fixtures import megatron_save
+    from tests.nemo_fixtures import megatron_save, write_megatron_lm_dir
 
     cfg = small_config()
     dense = random_model(cfg)
-    lm = tmp_path / "lm"
-    megatron_save(dense, lm / "iter_0000100", prefix="")
-    (lm / "latest_checkpointed_iteration.txt").write_text("100")
-    args = argparse.Namespace(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                              group_query_attention=True, num_query_groups=2, kv_channels=None, squared_relu=True,
-                              normalization="LayerNorm", apply_layernorm_1p=True, norm_epsilon=1e-5,
-                              add_bias_linear=False, position_embedding_type="rope", rotary_percent=0.5,
-                              rotary_base=10000, untie_embeddings_and_output_weights=True, seq_length=32,
-                              max_position_embeddings=32, init_method_std=0.02)
-    torch.save({"args": args, "iteration": 100, "checkpoint_version": 3.0}, lm / "iter_0000100" / "common.pt")
+    lm = write_megatron_lm_dir(tmp_path / "lm", dense)
     with open_checkpoint(lm) as r:
         assert r.config == cfg
         assert all(torch.equal(r.state_dict()[k], v) for k, v in dense.state_dict().items())

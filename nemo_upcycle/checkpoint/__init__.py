@@ -38,7 +38,12 @@ def open_checkpoint(path: Path | str, input_format: str = "auto",
                     model_config: dict[str, Any] | None = None) -> CheckpointReader:
     """A reader for any supported checkpoint; `model_config` supplies NeMo-style model fields where the
     checkpoint carries none (Megatron directories without saved args)."""
+    from nemo_upcycle.checkpoint.archive import refuse_special_files
+
     path = Path(path)
+    if not path.exists():
+        raise UpcycleError(f"{path} does not exist: check the path")
+    refuse_special_files(path)
     fmt = detect_format(path) if input_format == "auto" else input_format
     if fmt == "nemo":
         from nemo_upcycle.checkpoint.nemo import NemoReader

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Iterator
 
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError, bad_file, reason
 
 
 def _normalise(name: str) -> str:
@@ -36,14 +37,14 @@ class TarArchive:
         self.path = Path(path)
         try:
             self._tar = tarfile.open(self.path, "r:*")
-        except (tarfile.TarError, OSError):
+        except Exception:  # noqa: BLE001 - tarfile, gzip and zlib each raise their own errors
             raise UpcycleError(f"{self.path} is not a readable tar archive (plain or gzip): pass a .nemo file or "
-                               "an extracted .nemo directory")
+                               "an extracted .nemo directory") from None
         try:
             members = self._tar.getmembers()
-        except (EOFError, OSError, tarfile.TarError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UpcycleError(f"{self.path} is truncated or corrupt ({reason}): re-download or re-copy it")
+        except Exception as err:  # noqa: BLE001 - EOFError, OSError, zlib.error, tarfile.TarError, ...
+            self._tar.close()
+            raise UpcycleError(f"{self.path} is truncated or corrupt ({reason(err)}): re-download or re-copy it") from None
         with open(self.path, "rb") as f:
             self.compressed = f.read(2) == b"\x1f\x8b"  # gzip magic
         self.members: dict[str, tarfile.TarInfo] = {}
@@ -69,9 +70,10 @@ class TarArchive:
         member = self.members.get(name)
         if member is None or not member.isfile():
             raise UpcycleError(f"'{name}' is missing from {self.path}")
-        f = self._tar.extractfile(member)
-        assert f is not None
-        return f.read()
+        with bad_file(self.path, f"is truncated or corrupt at member '{name}'"):
+            f = self._tar.extractfile(member)
+            assert f is not None
+            return f.read()
 
     def window(self, name: str) -> "FileWindow":
         """A seekable read-only view of one member's bytes inside an uncompressed tar (no copy)."""
@@ -86,9 +88,9 @@ class TarArchive:
             if m.isfile() and (name == prefix or name.startswith(prefix.rstrip("/") + "/")):
                 target = dest / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                src = self._tar.extractfile(m)
-                assert src is not None
-                with open(target, "wb") as out:
+                with bad_file(self.path, f"is truncated or corrupt at member '{name}'"), open(target, "wb") as out:
+                    src = self._tar.extractfile(m)
+                    assert src is not None
                     shutil.copyfileobj(src, out, 16 << 20)
         return dest / prefix
 
@@ -128,6 +130,34 @@ class FileWindow(io.RawIOBase):
         if not self.closed:
             self._f.close()
         super().close()
+
+
+def refuse_special_files(path: Path) -> None:
+    """A FIFO, device or socket blocks or never ends when read: refuse one anywhere in the input up front."""
+    entries = [Path(path)]
+    if entries[0].is_dir():
+        for root, dirs, files in os.walk(path):  # does not follow links to directories
+            entries += [Path(root, name) for name in dirs + files]
+    for entry in entries:
+        try:
+            mode = entry.stat().st_mode
+        except OSError:  # a dangling link: the reader reports the missing file
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UpcycleError(f"{entry} is a FIFO, device or socket, not a regular file: replace it with the "
+                               "real file")
+
+
+def load_yaml_mapping(path: Path | str, what: str = "") -> dict:
+    """A YAML file that must hold a mapping, read with safe_load (no tag constructs an object); anything else,
+    including a refused `!!python` tag, is a one-line error naming the file."""
+    import yaml
+
+    with bad_file(f"{what}{path}", "is not valid YAML", "fix its syntax (plain YAML, no !!python tags)"):
+        cfg = yaml.safe_load(Path(path).read_text())
+    if not isinstance(cfg, dict):
+        raise UpcycleError(f"{what}{path} is not a YAML mapping of config fields: fix its contents")
+    return cfg
 
 
 # ---- outputs ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Names and configs are mapped to Megatron's by `nemo_upcycle.models.hf`, one lite
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,7 @@ import torch
 
 from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, Tokenizer, model_order
 from nemo_upcycle.data.tokenizers import HF_TOKENIZER_ARTIFACTS
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError, bad_file
 from nemo_upcycle.models import hf as hf_names
 from nemo_upcycle.models.keys import layer_index
 
@@ -30,25 +31,25 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 class HFReader(CheckpointReader):
     def __init__(self, path: Path | str):
-        from safetensors import safe_open
-
         self.path = Path(path)
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise UpcycleError(f"{self.path} has no config.json: pass a Hugging Face model folder")
-        self.source_config = json.loads(config_file.read_text())
+        self.source_config = _load_json(config_file)
         self.family = self.source_config.get("model_type")
-        if self.family not in hf_names.FAMILIES:
+        if not isinstance(self.family, str) or self.family not in hf_names.FAMILIES:
             raise UpcycleError(f"unsupported Hugging Face model_type '{self.family}': supported are "
                                f"{', '.join(hf_names.FAMILIES)}")
         self._files = self._weight_files()
         # Files are opened for the duration of one read: a long-lived memory map would keep every layer
         # already converted in the resident set.
-        self._open: dict[str, Any] = {f: safe_open(str(self.path / f), framework="pt") for f in set(self._files.values())}
+        self._open: dict[str, Any] = self._open_files()
         if not self._has("model.embed_tokens.weight"):
             raise UpcycleError(f"{self.path} has no model.embed_tokens.weight: is it a decoder-only language model?")
         vocab = self._meta("model.embed_tokens.weight").shape[0]
-        self.config = hf_names.gpt_config_from_hf({**self.source_config, "vocab_size": vocab})
+        with bad_file(config_file, "has a value of the wrong type", "fix that field or re-download config.json"):
+            self.config = hf_names.gpt_config_from_hf({**self.source_config, "vocab_size": vocab})
+        self._check_layers()
         self._ignored = self._noop_shared_experts()
         if self.config.share_embeddings_and_output_weights and self._has("lm_head.weight"):
             self._ignored.add("lm_head.weight")  # a copy of the tied embedding; transformers ignores it too
@@ -60,14 +61,37 @@ class HFReader(CheckpointReader):
     def _weight_files(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            return dict(json.loads(index.read_text())["weight_map"])
+            weight_map = _load_json(index).get("weight_map")
+            if not (isinstance(weight_map, dict) and all(
+                    isinstance(k, str) and isinstance(f, str) and (self.path / f).is_file()
+                    and "/" not in f and f not in (".", "..") for k, f in weight_map.items())):
+                raise UpcycleError(f"{index} has no weight_map of tensor names to safetensors files in {self.path} "
+                                   "(or names a missing file): re-download the checkpoint")
+            return dict(weight_map)
         single = self.path / "model.safetensors"
         if single.is_file():
             from safetensors import safe_open
 
-            with safe_open(str(single), framework="pt") as f:
-                return {k: "model.safetensors" for k in f.keys()}
+            with bad_file(single, "is not a readable safetensors file (truncated or corrupt header?)"):
+                with safe_open(str(single), framework="pt") as f:
+                    return {k: "model.safetensors" for k in f.keys()}
         raise UpcycleError(f"{self.path} has no model.safetensors or model.safetensors.index.json")
+
+    def _open_files(self) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        files = {}
+        for name in sorted(set(self._files.values())):
+            with bad_file(self.path / name, "is not a readable safetensors file (truncated or corrupt header?)"):
+                files[name] = safe_open(str(self.path / name), framework="pt")
+        return files
+
+    def _check_layers(self) -> None:
+        """The layers the weights hold are those config.json declares (checked before any loop over them)."""
+        held = {int(m[1]) for k in self._files if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+        if len(held) != self.config.num_layers or held != set(range(self.config.num_layers)):
+            raise UpcycleError(f"config.json in {self.path} declares {self.config.num_layers} layers but the weights "
+                               f"hold {len(held)} (model.layers.N): does config.json belong to these weights?")
 
     def _has(self, key: str) -> bool:
         return key in self._files
@@ -75,11 +99,15 @@ class HFReader(CheckpointReader):
     def _get(self, key: str) -> torch.Tensor:
         if key not in self._files:
             raise UpcycleError(f"tensor '{key}' is missing from {self.path}")
-        return self._open[self._files[key]].get_tensor(key)
+        with bad_file(self.path / self._files[key], f"has unreadable data for tensor '{key}' (truncated?)"):
+            return self._open[self._files[key]].get_tensor(key)
 
     def _meta(self, key: str) -> torch.Tensor:
         """A meta tensor with the stored shape and dtype (header only, no data read)."""
-        sl = self._open[self._files[key]].get_slice(key)
+        if key not in self._files:
+            raise UpcycleError(f"tensor '{key}' is missing from {self.path}: is it a complete {self.family} model?")
+        with bad_file(self.path / self._files[key], f"has no readable header entry for tensor '{key}'"):
+            sl = self._open[self._files[key]].get_slice(key)
         if sl.get_dtype() not in _DTYPES:
             raise UpcycleError(f"tensor '{key}' in {self.path} has dtype {sl.get_dtype()}: only floating-point "
                                f"({', '.join(_DTYPES)}) checkpoints are supported")
@@ -117,7 +145,9 @@ class HFReader(CheckpointReader):
         infos = {ours: _info(self._meta(theirs)) for ours, theirs in self._global_keys().items()}
         used = set(self._global_keys().values()) | self._ignored
         for i in range(self.config.num_layers):
-            infos.update({k: _info(v) for k, v in self._layer(i, self._meta).items()})
+            with bad_file(self.path / "config.json", "does not match the tensor shapes of the weights",
+                          "does config.json belong to these weights?"):
+                infos.update({k: _info(v) for k, v in self._layer(i, self._meta).items()})
             for groups, _ in hf_names.layer_sources(self._has, i, self.config, self.family).values():
                 used.update(n for g in groups for n in g)
         unexpected = set(self._files) - used
@@ -150,9 +180,7 @@ class HFReader(CheckpointReader):
         return self._infos
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        self._open = {f: safe_open(str(self.path / f), framework="pt") for f in set(self._files.values())}
+        self._open = self._open_files()
         try:
             return self._read(names)
         finally:
@@ -168,6 +196,15 @@ class HFReader(CheckpointReader):
             if layer_index(n) is None:
                 out[n] = self._get(globals_[n])
         return {n: out[n] for n in names}
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    with bad_file(path, "is not valid JSON", f"fix it or re-download {path.name}"):
+        data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise UpcycleError(f"{path} holds a JSON {type(data).__name__}, not an object: fix it or re-download "
+                           f"{path.name}")
+    return data
 
 
 def _info(t: torch.Tensor) -> TensorInfo:

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import yaml
 
-from nemo_upcycle.checkpoint.archive import TarWriter, atomic_output
+from nemo_upcycle.checkpoint.archive import TarWriter, atomic_output, load_yaml_mapping
 from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, Fetch, TensorInfo, model_order
 from nemo_upcycle.checkpoint.layout import canonical_names, dist_key, empty_extra_state, extra_state_keys
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
 from nemo_upcycle.checkpoint.torch_dist import BytesItem, Chunk, DistCheckpointReader, write_dist_checkpoint
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError, bad_file
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index
 from nemo_upcycle.models.megatron import rope_arguments
@@ -159,7 +159,11 @@ def resolve_iteration_dir(path: Path) -> Path:
         return path
     tracker = path / TRACKER
     if tracker.is_file():
-        it = tracker.read_text().strip()
+        with bad_file(tracker, "is not readable text"):
+            it = tracker.read_text().strip()
+        if it != "release" and not (it.isascii() and it.isdigit()):
+            raise UpcycleError(f"{tracker} holds {it[:40]!r}, not an iteration number or 'release': write the "
+                               "iteration to convert into it (e.g. 1000), or pass the iter_XXXXXXX directory")
         d = path / ("release" if it == "release" else f"iter_{int(it):07d}")
         if (d / ".metadata").is_file():
             return d
@@ -193,21 +197,26 @@ class MegatronReader(CheckpointReader):
 
     def _find_config(self, given: dict[str, Any] | None, vocab: int) -> tuple[GPTConfig, dict[str, Any]]:
         if given is not None:
-            return gpt_config_from_nemo(given, vocab), dict(given)
+            with bad_file("the --model-config", "has a value of the wrong type", "fix that field"):
+                return gpt_config_from_nemo(given, vocab), dict(given)
         ours = self.path.parent / "model_config.yaml"  # written by MegatronWriter next to iter_0000000/
         if ours.is_file():
-            cfg = yaml.safe_load(ours.read_text())
-            return gpt_config_from_nemo(cfg, vocab), cfg
+            cfg = load_yaml_mapping(ours)
+            with bad_file(ours, "has a value of the wrong type", "fix that field"):
+                return gpt_config_from_nemo(cfg, vocab), cfg
         for run_config in (self.path / "run_config.yaml", self.path.parent / "run_config.yaml"):
             if run_config.is_file():
-                model = (yaml.safe_load(run_config.read_text()) or {}).get("model")
+                model = load_yaml_mapping(run_config).get("model")
                 if isinstance(model, dict):
-                    cfg = gpt_config_from_transformer_config(model, vocab)
-                    return cfg, nemo_config_from_gpt(cfg)
+                    with bad_file(run_config, "has a model value of the wrong type", "fix that field"):
+                        cfg = gpt_config_from_transformer_config(model, vocab)
+                        return cfg, nemo_config_from_gpt(cfg)
         args = _load_args(self.path / "common.pt")
         if args is not None:
-            cfg = gpt_config_from_megatron_args(args, vocab)
-            return cfg, nemo_config_from_gpt(cfg)
+            with bad_file(self.path / "common.pt", "holds saved args of the wrong type",
+                          "pass --model-config CONFIG.yaml instead"):
+                cfg = gpt_config_from_megatron_args(args, vocab)
+                return cfg, nemo_config_from_gpt(cfg)
         raise UpcycleError(
             f"no model config found with {self.path} (no run_config.yaml, no args in common.pt): pass "
             "--model-config CONFIG.yaml (NeMo model_config.yaml fields)"

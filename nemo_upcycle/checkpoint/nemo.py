@@ -23,14 +23,14 @@ from typing import Any
 import torch
 import yaml
 
-from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter, atomic_output
+from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter, atomic_output, refuse_special_files
 from nemo_upcycle.checkpoint.base import (
     CheckpointReader, CheckpointWriter, Fetch, TensorInfo, Tokenizer, model_order)
 from nemo_upcycle.checkpoint.layout import canonical_names
 from nemo_upcycle.checkpoint.megatron import weights_dtype, write_megatron_dist
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt, with_nemo_restore_sections
 from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError, bad_file, reason
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index, te_to_local_key
 
@@ -50,9 +50,14 @@ class NemoFiles:
         self.path = Path(path)
         if not self.path.exists():
             raise UpcycleError(f"{self.path} does not exist: pass a .nemo file or an extracted .nemo directory")
+        refuse_special_files(self.path)
         self.archive = None if self.path.is_dir() else TarArchive(self.path)
-        self.config = self._load_config()
-        self.tokenizer = self._read_tokenizer()
+        try:
+            self.config = self._load_config()
+            self.tokenizer = self._read_tokenizer()
+        except BaseException:
+            self.close()
+            raise
 
     def names(self) -> list[str]:
         if self.archive is not None:
@@ -106,9 +111,18 @@ class NemoReader(CheckpointReader):
         self._legacy: list[Path] | None = None  # legacy shard files, by slot
         self._index: dict[str, tuple[str, tuple[int, ...]]] = {}  # canonical -> (fqn, index) [torch_dist]
         self._legacy_index: dict[str, list[tuple[int, str]]] = {}  # canonical -> [(shard, key), ...]
-        self._open_weights()
-        vocab = self._infos["embedding.word_embeddings.weight"].shape[0]
-        self.config: GPTConfig = gpt_config_from_nemo(self.source_config, vocab)
+        try:  # an extraction made before a failure is removed with it
+            self._open_weights()
+            if "embedding.word_embeddings.weight" not in self._infos:
+                raise UpcycleError(f"{self.path} holds no GPT embedding (embedding.word_embeddings.weight): is the "
+                                   "file complete?")
+            vocab = self._infos["embedding.word_embeddings.weight"].shape[0]
+            with bad_file(f"model_config.yaml in {self.path}", "has a value of the wrong type",
+                          "fix that field"):
+                self.config: GPTConfig = gpt_config_from_nemo(self.source_config, vocab)
+        except BaseException:
+            self.close()
+            raise
 
     def _local_copy(self, prefix: str) -> Path:
         """A real directory for `prefix`: the directory itself, or an extraction (gzip tars, legacy mmap)."""
@@ -192,7 +206,8 @@ class NemoReader(CheckpointReader):
                 raise UpcycleError(f"{self.path} is already an MoE checkpoint (found {name}): upcycle a dense one")
             parts = [by_tp[t] for t in sorted(by_tp)]
             self._legacy_index[name] = [(s, k) for s, k, _ in parts]
-            merged = _merge_tp(name, [m for _, _, m in parts], self._gated())
+            with bad_file(self.path, f"has tensor-parallel shards of {name} that do not fit together"):
+                merged = _merge_tp(name, [m for _, _, m in parts], self._gated())
             self._infos[name] = TensorInfo(tuple(merged.shape), merged.dtype)
         self._infos = model_order(self._infos)
 
@@ -210,12 +225,15 @@ class NemoReader(CheckpointReader):
         try:
             with torch.serialization.safe_globals([io.BytesIO, bytes]):  # TE extra states may be BytesIO
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            raise UpcycleError(f"cannot read {path.name} in {self.path} ({str(err).splitlines()[0]}): "
-                               "truncated or corrupt")
+        except Exception as err:  # noqa: BLE001 - RuntimeError, UnpicklingError (refused objects), EOFError, ...
+            raise UpcycleError(f"cannot read {path.name} in {self.path} ({reason(err)}): truncated, corrupt or "
+                               "holding objects other than tensors; re-export it with torch.save") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if not isinstance(state, dict):
+            raise UpcycleError(f"{path.name} in {self.path} holds a {type(state).__name__}, not a state dict: "
+                               "re-export it with torch.save")
+        return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
     # ---- reader API -------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, TensorInfo]:

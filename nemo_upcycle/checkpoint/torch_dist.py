@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError, bad_file, reason
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",
@@ -75,11 +76,65 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
 
 
-def _safe_metadata(stream: IO[bytes]) -> Metadata:
+def _safe_metadata(stream: IO[bytes], where: str = "the checkpoint") -> Metadata:
     try:
-        return _MetadataUnpickler(stream).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
-        raise UpcycleError(f"unreadable torch_dist metadata ({err}): the checkpoint is corrupt or not torch_dist")
+        metadata = _MetadataUnpickler(stream).load()
+    except Exception as err:  # noqa: BLE001 - a corrupt pickle raises almost anything
+        raise UpcycleError(f"unreadable torch_dist metadata in {where} ({type(err).__name__}: {reason(err)}): the "
+                           "checkpoint is corrupt or not torch_dist; re-copy it") from None
+    if not (isinstance(metadata, Metadata) and isinstance(metadata.state_dict_metadata, dict)
+            and isinstance(metadata.storage_data, dict)):
+        raise UpcycleError(f"the torch_dist metadata in {where} is not a PyTorch Distributed Checkpoint index: "
+                           "the checkpoint is corrupt or not torch_dist; re-copy it")
+    return metadata
+
+
+def _check_metadata(metadata: Metadata, file_size: Callable[[str], int | None], where: str) -> None:
+    """Check what `.metadata` declares against the checkpoint's real files before anything loops over or
+    allocates by it: chunks tile each tensor exactly, every chunk lies in an existing data file and fits in it.
+    So a corrupt or hand-edited index (e.g. 2^31 stacked layers in a 10 KB file) is refused at once."""
+    def bad(what: str) -> UpcycleError:
+        return UpcycleError(f"the torch_dist metadata in {where} {what}: the checkpoint is corrupt or was edited; "
+                            "re-copy it")
+
+    sizes: dict[str, int | None] = {}
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if not isinstance(fqn, str):
+            raise bad(f"has a non-string key {fqn!r}")
+        if not isinstance(entry, TensorStorageMetadata):
+            continue
+        shape = entry.size
+        if (not isinstance(shape, tuple) or len(shape) > 8 or not all(_is_count(d) and d > 0 for d in shape)
+                or not isinstance(getattr(entry.properties, "dtype", None), torch.dtype)
+                or not isinstance(entry.chunks, list)):
+            raise bad(f"declares tensor {fqn} with an invalid shape or dtype")
+        itemsize = torch.empty((), dtype=entry.properties.dtype).element_size()
+        covered = 0
+        for chunk in entry.chunks:
+            offsets, lengths = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+            if not (isinstance(offsets, tuple) and isinstance(lengths, tuple) and len(offsets) == len(lengths) == len(shape)
+                    and all(_is_count(o) and _is_count(n) and o + n <= d for o, n, d in zip(offsets, lengths, shape))):
+                raise bad(f"declares a chunk of {fqn} outside its shape {tuple(shape)}")
+            numel = math.prod(lengths)
+            covered += numel
+            info = metadata.storage_data.get(MetadataIndex(fqn, offsets))
+            path = getattr(info, "relative_path", None)
+            if not isinstance(path, str) or "/" in path or path in ("", ".", ".."):
+                raise bad(f"has no data file for a chunk of {fqn}")
+            if path not in sizes:
+                sizes[path] = file_size(path)
+            offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+            if sizes[path] is None:
+                raise bad(f"names a data file {path} that is missing")
+            if not (_is_count(offset) and _is_count(length) and length >= numel * itemsize
+                    and offset + length <= sizes[path]):
+                raise bad(f"declares a chunk of {fqn} past the end of {path} (the file is truncated?)")
+        if covered != math.prod(shape):
+            raise bad(f"declares tensor {fqn} {tuple(shape)} that its chunks do not cover")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class _TarPaths(FileSystem):
@@ -119,8 +174,16 @@ class _Reader(FileSystemReader):
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         with self.fs.create_stream(self.fs.concat_path(self.path, ".metadata"), "rb") as f:
-            metadata = _safe_metadata(f)
+            metadata = _safe_metadata(f, str(self.path))
         return metadata
+
+    def file_size(self, name: str) -> int | None:
+        """Size of the data file `name` of this checkpoint; None when missing or not a regular file."""
+        if isinstance(self.fs, _TarFileSystem):
+            member = self.fs.archive.members.get(self.fs.concat_path(self.path, name))
+            return member.size if member is not None and member.isfile() else None
+        file = Path(self.path) / name
+        return file.stat().st_size if file.is_file() else None
 
 
 class _RegionLoadPlanner(DefaultLoadPlanner):
@@ -154,6 +217,8 @@ class DistCheckpointReader:
         self.path, self.archive = str(path), archive
         self._reader = _Reader(self.path, archive)
         self.metadata = self._reader.read_metadata()
+        where = self.path if archive is None else f"{self.path} of {archive.path}"
+        _check_metadata(self.metadata, self._reader.file_size, where)
         self.tensors: dict[str, TensorStorageMetadata] = {
             k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
@@ -179,7 +244,8 @@ class DistCheckpointReader:
             offsets = tuple(index) + (0,) * (len(shape) - len(index))
             planned.append((fqn, offsets, torch.empty(sizes, dtype=self.dtype(fqn))))
         self._reader.reset(self.path)
-        with _unwrapped_errors():
+        where = self.path if self.archive is None else f"{self.path} of {self.archive.path}"
+        with bad_file(where, "has a truncated or corrupt .distcp data file"), _unwrapped_errors():
             dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(planned), no_dist=True)
         return [dest.reshape(dest.shape[len(index):]) for (_, index), (_, _, dest) in zip(requests, planned)]
 

@@ -7,11 +7,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from nemo_upcycle.activations import get_activation
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError, check_field_types
 
 NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
 # RoPE frequency scalings, by Hugging Face's rope_type names (None: plain RoPE); see reference.rope_cos_sin.
 ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
+MAX_SIZE = 1 << 31  # any width, vocabulary or context length beyond this is a corrupt config
+MAX_LAYERS = 1 << 16  # per-layer lists and loops stay small (the deepest published models have ~200 layers)
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,21 @@ class GPTConfig:
     moe_shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size"):
+        if isinstance(self.moe_layer_freq, list):
+            object.__setattr__(self, "moe_layer_freq", tuple(self.moe_layer_freq))
+        check_field_types(self, "model config")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+                     "num_query_groups", "kv_channels", "seq_length", "num_moe_experts", "moe_ffn_hidden_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value is not None and value < 1:
                 raise UpcycleError(f"model config {name} must be a positive integer, got {value!r}")
+            limit = MAX_LAYERS if name == "num_layers" else MAX_SIZE
+            if value is not None and value > limit:
+                raise UpcycleError(f"model config {name} {value} is beyond any real model (at most {limit}): "
+                                   "is the config corrupt?")
+        for name in ("init_method_std", "rotary_base", "layernorm_epsilon"):
+            if not getattr(self, name) > 0:
+                raise UpcycleError(f"model config {name} must be positive, got {getattr(self, name)!r}")
         object.__setattr__(self, "activation", get_activation(self.activation).name)  # one spelling
         if self.normalization not in NORMALIZATIONS:
             raise UpcycleError(
@@ -92,8 +105,6 @@ class GPTConfig:
                 raise UpcycleError(f"rope_scaling_factor must be positive, got {self.rope_scaling_factor}")
             if self.rope_scaling_type in ("llama3", "yarn") and not self.rope_original_max_position_embeddings:
                 raise UpcycleError(f"RoPE scaling {self.rope_scaling_type} needs rope_original_max_position_embeddings")
-        if isinstance(self.moe_layer_freq, list):
-            object.__setattr__(self, "moe_layer_freq", tuple(self.moe_layer_freq))
         if self.num_moe_experts is not None:
             if self.moe_router_score_function not in ("softmax", "sigmoid"):
                 raise UpcycleError(

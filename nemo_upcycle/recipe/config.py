@@ -12,11 +12,12 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError, check_field_types
 
 ROUTER_TYPES = ("softmax_then_topk", "topk_then_softmax", "sigmoid")
 ROUTER_INITS = ("virtual_group", "random")
 SCALING_METHODS = ("homogeneous", "megatron", "fc2")
+MAX_EXPERTS = 4096  # far beyond any published MoE (DeepSeek-V3: 256); a typo like E999999 would never finish
 
 _SHORTHAND = re.compile(r"^E(\d+)G(\d+)T(\d+)$", re.IGNORECASE)
 
@@ -62,6 +63,10 @@ class UpcycleConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UpcycleError(f"{name} must be a positive integer, got {value!r}")
+        check_field_types(self, "recipe")
+        if self.num_experts > MAX_EXPERTS:
+            raise UpcycleError(f"{self.num_experts} experts (= E*G = {self.expansion}*{self.granularity}) is more than "
+                               f"the {MAX_EXPERTS} nemo-upcycle supports: lower expansion or granularity")
         if self.router not in ROUTER_TYPES:
             raise UpcycleError(f"unknown router type '{self.router}': use one of {', '.join(ROUTER_TYPES)}")
         if self.router_init not in ROUTER_INITS:
@@ -103,7 +108,7 @@ class UpcycleConfig:
     @classmethod
     def from_shorthand(cls, shorthand: str, **overrides: Any) -> "UpcycleConfig":
         """`UpcycleConfig.from_shorthand("E8G8T8", router="topk_then_softmax")`."""
-        match = _SHORTHAND.match(shorthand.strip())
+        match = _SHORTHAND.match(shorthand.strip()) if isinstance(shorthand, str) else None
         if not match:
             raise UpcycleError(
                 f"recipe '{shorthand}' is not of the form E<expansion>G<granularity>T<topk>, e.g. E8G8T8 or E8G1T2"
@@ -126,6 +131,8 @@ class UpcycleConfig:
             for key in ("expansion", "granularity", "topk"):
                 values.setdefault(key, getattr(base, key))
         if "layers" in values:
+            if not isinstance(values["layers"], (list, tuple)):
+                raise UpcycleError(f"recipe layers must be a list of 0-based layer indices, got {values['layers']!r}")
             values["layers"] = tuple(values["layers"])
         return cls(**values)
 
