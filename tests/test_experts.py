@@ -161,7 +161,7 @@ def test_megatron_sqrt_scaling_of_plain_gelu_silu_is_approximate(name, preact_st
 
 
 def test_virtual_group_router_rows():
-    recipe = UpcycleConfig.from_shorthand("E4G4T8")
+    recipe = UpcycleConfig.from_shorthand("E4G4T8", router_init="virtual_group")
     w = init_router(recipe, hidden_size=H, std=0.02, layer=3)
     assert w.shape == (16, H)
     for g in range(4):
