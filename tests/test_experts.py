@@ -95,8 +95,8 @@ def test_bias_rules():
     recipe = UpcycleConfig.from_shorthand("E8G4T4")  # softmax_then_topk: s = 8*16/4 = 32
     experts = upcycle_mlp(dense, recipe, act)
     f = scaling_factors(recipe, act)
-    # s = 2**5 as powers of two: fc1 x2**2 (squared: 2**4), fc2 x2**1 -- exact in bf16 (power_of_two_split)
-    assert (f.fc1, f.fc2) == (4.0, 2.0) and f.fc2_bias == pytest.approx(32 / 4)
+    # squared ReLU keeps s^(1/3) on both (as Megatron); the power-of-two split is for gated MLPs
+    assert f.fc1 == pytest.approx(32 ** (1 / 3)) and f.fc2_bias == pytest.approx(32 / 4)
     torch.testing.assert_close(experts.fc1_bias[5], dense.fc1_bias[8:16] * f.fc1)
     torch.testing.assert_close(experts.fc2_bias[5], dense.fc2_bias * 8.0)
     # gated: gate half unscaled, up half scaled (homogeneous method)

@@ -100,7 +100,8 @@ def scaling_factors(recipe: UpcycleConfig, activation: Activation) -> ScalingFac
     s = recipe.scale_factor()
     exps = scaling_exponents(activation, recipe.scaling_method)
     exact = is_exact(activation, exps)
-    split = power_of_two_split(s, activation, exps) if exact and recipe.scaling_method == "homogeneous" else None
+    split = (power_of_two_split(s, activation, exps)
+             if exact and activation.gated and recipe.scaling_method == "homogeneous" else None)
     gate, fc1, fc2 = split or tuple(s ** float(e) for e in exps)
     return ScalingFactors(gate=gate, fc1=fc1, fc2=fc2, fc2_bias=s / recipe.granularity, exact=exact)
 
