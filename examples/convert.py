@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(summary.table())
-    if summary.verify and summary.verify.get("status") == "FAILED":
+    if summary.verify and str(summary.verify.get("status", "")).startswith("FAILED"):
         sys.exit(1)
 
 

@@ -26,6 +26,7 @@ from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.hf import ENGINES
 from nemo_upcycle.models.keys import layer_index, stack_experts
 from nemo_upcycle.recipe import UpcycleConfig, moe_config, upcycle_layer_mlp
+from nemo_upcycle.recipe.calibration import directions_from_reader
 from nemo_upcycle.recipe.config import ROUTER_INITS, ROUTER_TYPES, SCALING_METHODS
 from nemo_upcycle.recipe.state_dict import DENSE_MLP_KEYS
 from nemo_upcycle.report import human_count, markdown_table
@@ -114,8 +115,12 @@ def plan_conversion(reader: CheckpointReader, recipe: UpcycleConfig | None, wher
 class LayerStream:
     """Hands out output tensors one at a time, computing a whole layer when its first tensor is asked for."""
 
-    def __init__(self, reader: CheckpointReader, plan: Plan, progress=None):
+    def __init__(self, reader: CheckpointReader, plan: Plan, progress=None,
+                 router_directions: dict[int, torch.Tensor] | None = None):
         self.reader, self.plan, self.progress = reader, plan, progress
+        if router_directions is None and plan.recipe is not None:
+            router_directions = directions_from_reader(reader, plan.recipe)
+        self.router_directions = router_directions or {}
         self.pattern = plan.moe.moe_layer_pattern()
         self.layer: int | None = None
         self.cache: dict[str, torch.Tensor] = {}
@@ -134,7 +139,7 @@ class LayerStream:
         tensors = self.reader.read(self.reader.layer_names(i))
         if self.pattern[i] and self.plan.recipe is not None:
             mlp = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k[len(prefix):] in DENSE_MLP_KEYS}
-            new = upcycle_layer_mlp(mlp, self.plan.dense, self.plan.recipe, i)
+            new = upcycle_layer_mlp(mlp, self.plan.dense, self.plan.recipe, i, self.router_directions.get(i))
             tensors.update({prefix + k: v for k, v in new.items()})
         self.cache, self.layer = tensors, i
         if self.progress is not None:
@@ -186,31 +191,37 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
             output_format: str = "nemo", input_format: str = "auto", pack: bool = True, overwrite: bool = False,
             model_config: dict[str, Any] | None = None, verify_layers: int | None = None,
             progress: bool = True, hf_arch: str | None = None, max_shard_size: str | int | None = None,
-            target_engine: str | None = None) -> Summary:
+            target_engine: str | None = None, verify_text: str | None = None,
+            verify_threshold: float | None = None, gguf_dtype: torch.dtype = torch.bfloat16) -> Summary:
     """Upcycle `input_path` into `output_path` (`recipe` None: convert the format only). `verify_layers`: after
     writing, compare that many leading layers (0 = all) of input and output with the reference model and check
     every expert tensor's checksum against the recipe (written to `<output>.checksums.json`); None skips it.
+    `verify_text` (default: the bundled held-out sample) and `verify_threshold` (largest relative loss gap, default
+    0.1%) are what the verification measures the function on and fails above.
     `hf_arch`, `max_shard_size`: the architecture and shard size of a Hugging Face output (`output_format` hf);
-    `target_engine`: refuse an hf export that engine would compute differently (models.hf.engine_problem)."""
+    `target_engine`: refuse an hf export that engine would compute differently (models.hf.engine_problem);
+    `gguf_dtype`: what a GGUF input is dequantised to."""
     from tqdm import tqdm
 
     start = time.perf_counter()
     check_options(output_format, input_format, pack, overwrite, verify_layers, hf_arch, max_shard_size)
     output_path = Path(output_path)
     check_output_path(output_path, overwrite)
-    with open_checkpoint(input_path, input_format, model_config) as reader:
+    with open_checkpoint(input_path, input_format, model_config, gguf_dtype) as reader:
         plan = plan_conversion(reader, recipe, str(input_path))
         check_output_format(output_format, plan.moe, hf_arch, target_engine)
         writer = make_writer(output_format, output_path, overwrite, pack, hf_arch, max_shard_size)
         check_free_disk(output_path, plan.bytes_out + writer.overhead_bytes(plan.outputs))
+        directions = directions_from_reader(reader, recipe) if recipe is not None else None
         bar = tqdm(total=plan.dense.num_layers, unit="layer", desc="upcycling", disable=not progress)
-        stream = LayerStream(reader, plan, bar)
+        stream = LayerStream(reader, plan, bar, directions)
         writer.write(plan.moe, plan.outputs, stream.fetch, reader)
         bar.close()
         seconds = time.perf_counter() - start
         summary = Summary(plan, seconds, peak_rss_bytes(), output_path)
         if verify_layers is not None:
-            summary.verify = _verify(reader, output_path, recipe, verify_layers)
+            summary.verify = _verify(reader, output_path, recipe, verify_layers, directions, verify_text,
+                                     verify_threshold)
     return summary
 
 
@@ -238,15 +249,17 @@ def check_options(output_format: Any, input_format: Any = "auto", pack: Any = Tr
 
 
 def _verify(reader: CheckpointReader, output_path: Path, recipe: UpcycleConfig | None,
-            layers: int) -> dict[str, Any]:
+            layers: int, router_directions: dict[int, torch.Tensor] | None = None, text: str | None = None,
+            threshold: float | None = None) -> dict[str, Any]:
     if recipe is None:
         return {"status": "not checked (format conversion, no recipe to check against)"}
     import json
 
-    from nemo_upcycle.verify import verify_conversion
+    from nemo_upcycle.verify import DEFAULT_THRESHOLD, verify_conversion
 
     with open_checkpoint(output_path) as written:
-        result = verify_conversion(reader, written, recipe, layers)
+        result = verify_conversion(reader, written, recipe, layers, router_directions, text,
+                                   DEFAULT_THRESHOLD if threshold is None else threshold)
     checksums = result.pop("checksums")
     sidecar = output_path.with_name(output_path.name + ".checksums.json")
     sidecar.write_text(json.dumps(checksums, indent=1) + "\n")
@@ -357,8 +370,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--scaling-method", choices=SCALING_METHODS,
                    help="how the factor is spread over expert weights: homogeneous (default, exact for every "
                         "activation), megatron (Megatron-LM's exponents), fc2 (all on fc2)")
-    r.add_argument("--router-init", choices=ROUTER_INITS, help="virtual_group (default) or random router rows")
-    r.add_argument("--router-init-std", type=float, help="router init std (default: the model's init_method_std)")
+    r.add_argument("--router-init", choices=ROUTER_INITS,
+                   help="calibrated (default): virtual groups ordered along the dense model's mean hidden state, "
+                        "no ties and routed weights summing to ~1 on real models; virtual_group: the paper's random "
+                        "group rows (the old default); random: independent random rows")
+    r.add_argument("--router-init-std", type=float,
+                   help="std of virtual_group / random router rows (default: the model's init_method_std)")
     r.add_argument("--seed", type=int, help="seed for router rows and Drop-Upcycling (default 1234)")
     r.add_argument("--layers", help="comma-separated 0-based layers to upcycle (default: all)")
     r.add_argument("--layer-freq", type=int, help="upcycle every k-th layer (0, k, 2k, ...)")
@@ -394,8 +411,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--dry-run", action="store_true", help="print the plan (tensors, shapes, sizes); write nothing")
     o.add_argument("--verify", nargs="?", const=0, type=int, metavar="LAYERS",
                    help="after writing, run input and output through the reference model (all layers, or the "
-                        "first LAYERS) and check the step-0 output against the recipe's guarantee; hash every "
-                        "expert tensor against the recipe (written to OUTPUT.checksums.json)")
+                        "first LAYERS) on held-out text: loss gap, top-1 agreement, greedy continuations; fail "
+                        "(exit 1, naming the cause) above --verify-threshold; check the recipe identity per layer "
+                        "and hash every expert tensor against the recipe (written to OUTPUT.checksums.json)")
+    o.add_argument("--verify-data", type=Path, metavar="TEXT_FILE",
+                   help="UTF-8 text --verify measures the function on (default: a bundled English sample)")
+    o.add_argument("--verify-threshold", type=float, metavar="FRACTION",
+                   help="largest relative held-out loss gap --verify passes (default 0.001 = 0.1%%)")
+    o.add_argument("--gguf-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="what a GGUF input's (quantised) tensors are dequantised to (default bfloat16)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -405,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
                   args.max_shard_size)
     model_config = _model_config(args.model_config)
     if args.dry_run:
-        with open_checkpoint(args.input, args.input_format, model_config) as reader:
+        with open_checkpoint(args.input, args.input_format, model_config, getattr(torch, args.gguf_dtype)) as reader:
             plan = plan_conversion(reader, recipe, str(args.input))
             check_output_format(args.output_format, plan.moe, args.hf_arch, args.target_engine)
         rows = [[n, "x".join(map(str, t.shape)), str(t.dtype).replace("torch.", ""), f"{t.nbytes / 1e6:.2f}"]
@@ -414,10 +438,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{len(rows)} tensors, {human_count(Plan.params(plan.outputs))} parameters, "
               f"{plan.bytes_out / 1e9:.3f} GB to write as {args.output_format} to {args.output}")
         return 0
+    verify_text = None
+    if args.verify_data is not None:
+        if not args.verify_data.is_file():
+            raise UpcycleError(f"--verify-data {args.verify_data} is not a file: pass a UTF-8 text file")
+        verify_text = args.verify_data.read_text(encoding="utf-8", errors="replace")
     summary = convert(args.input, args.output, recipe, args.output_format, args.input_format, args.pack,
                       args.overwrite, model_config, args.verify, progress=not args.quiet, hf_arch=args.hf_arch,
-                      max_shard_size=args.max_shard_size, target_engine=args.target_engine)
+                      max_shard_size=args.max_shard_size, target_engine=args.target_engine,
+                      verify_text=verify_text, verify_threshold=args.verify_threshold,
+                      gguf_dtype=getattr(torch, args.gguf_dtype))
     print(summary.table())
-    if summary.verify and summary.verify.get("status") == "FAILED":
+    if summary.verify and str(summary.verify.get("status", "")).startswith("FAILED"):
+        print(f"error: verification {summary.verify['status']}")
         return 1
     return 0

@@ -14,6 +14,7 @@ from nemo_upcycle.checkpoint import open_checkpoint
 from nemo_upcycle.convert import convert
 from nemo_upcycle.models import GPTModel
 from nemo_upcycle.models.keys import unstack_experts
+from nemo_upcycle.checkpoint import load_tokenizer_of
 from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
 from tests.conftest import random_model, small_config
 from tests.nemo_fixtures import pack_nemo, spm_model_bytes, write_nemo_dir
@@ -58,7 +59,7 @@ def test_nemo_built_by_nemo_converts_and_megatron_loads_it(megatron, tmp_path, s
     dense = random_model(cfg)
     src = pack_nemo(write_nemo_dir(tmp_path / "dense", dense, spm), tmp_path / "dense.nemo")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    recipe = UpcycleConfig.from_shorthand("E4G2T2", router_init_std=0.3)
+    recipe = UpcycleConfig.from_shorthand("E4G2T2", router_init="virtual_group", router_init_std=0.3)
     summary = convert(src, tmp_path / "moe.nemo", recipe, progress=False)
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest  # input untouched
 
@@ -74,7 +75,7 @@ def test_nemo_built_by_nemo_converts_and_megatron_loads_it(megatron, tmp_path, s
     artifact = conf["tokenizer"]["model"].removeprefix("nemo:")
     assert (out / artifact).read_bytes() == spm
 
-    moe_cfg, want = upcycle_state_dict(dense.state_dict(), cfg, recipe)
+    moe_cfg, want = upcycle_state_dict(dense.state_dict(), cfg, recipe, load_tokenizer_of(out))
     logits, loaded = megatron_load(moe_cfg, out / "model_weights", "model.")
     assert loaded.keys() == want.keys()
     for k in want:
@@ -160,7 +161,7 @@ def test_hugging_face_folder_saved_by_transformers(megatron, tmp_path, spm):
         got = unstack_experts(r.state_dict())
         assert r.tokenizer.config["library"] == "sentencepiece"
         assert list(r.tokenizer.artifacts.values()) == [spm]
-    _, want = upcycle_state_dict(dense.state_dict(), cfg, recipe)
+    _, want = upcycle_state_dict(dense.state_dict(), cfg, recipe, load_tokenizer_of(tmp_path / "moe.nemo"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 

@@ -155,7 +155,7 @@ def test_verify_catches_a_misordered_expert(dense_dir, tmp_path):
         return out
 
     moe.read = swapped
-    assert verify_conversion(dense, moe, RECIPE)["status"] == "FAILED"
+    assert verify_conversion(dense, moe, RECIPE)["status"].startswith("FAILED")
 
 
 def test_cli_dry_run_writes_nothing_and_errors_are_one_line(dense_dir, tmp_path, capsys):

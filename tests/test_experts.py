@@ -95,6 +95,7 @@ def test_bias_rules():
     recipe = UpcycleConfig.from_shorthand("E8G4T4")  # softmax_then_topk: s = 8*16/4 = 32
     experts = upcycle_mlp(dense, recipe, act)
     f = scaling_factors(recipe, act)
+    # squared ReLU keeps s^(1/3) on both (as Megatron); the power-of-two split is for gated MLPs
     assert f.fc1 == pytest.approx(32 ** (1 / 3)) and f.fc2_bias == pytest.approx(32 / 4)
     torch.testing.assert_close(experts.fc1_bias[5], dense.fc1_bias[8:16] * f.fc1)
     torch.testing.assert_close(experts.fc2_bias[5], dense.fc2_bias * 8.0)
@@ -161,7 +162,7 @@ def test_megatron_sqrt_scaling_of_plain_gelu_silu_is_approximate(name, preact_st
 
 
 def test_virtual_group_router_rows():
-    recipe = UpcycleConfig.from_shorthand("E4G4T8")
+    recipe = UpcycleConfig.from_shorthand("E4G4T8", router_init="virtual_group")
     w = init_router(recipe, hidden_size=H, std=0.02, layer=3)
     assert w.shape == (16, H)
     for g in range(4):

@@ -39,7 +39,8 @@ def dense(tmp_path_factory):
 
 
 def export(src, out, arch, **recipe):
-    recipe = UpcycleConfig.from_shorthand(recipe.pop("shorthand", "E4G2T2"), **{"router_init_std": 0.5, **recipe})
+    recipe = UpcycleConfig.from_shorthand(recipe.pop("shorthand", "E4G2T2"), **{"router_init": "virtual_group",
+                                                                                 "router_init_std": 0.5, **recipe})
     convert(src, out, recipe, output_format="hf", hf_arch=arch, progress=False)
     return load_hf(out)
 

@@ -108,7 +108,7 @@ def test_legacy_config_keys_read_like_rope_parameters():
 def test_shared_experts_equal_megatron_core(megatron, router, gate):
     cfg = small_config(normalization="rmsnorm", activation="swiglu", rotary_percentage=1.0, num_layers=3)
     recipe = UpcycleConfig.from_shorthand("E2G2T2", router=router, shared_expert=True, layers=(0, 2),
-                                          router_init_std=0.5)
+                                          router_init="virtual_group", router_init_std=0.5)
     moe_cfg, sd = upcycle_state_dict(random_model(cfg).state_dict(), cfg, recipe)
     assert moe_cfg.moe_shared_expert_intermediate_size == 64 and moe_cfg.moe_shared_expert_gate
     if not gate:
@@ -151,7 +151,7 @@ def test_shared_expert_recipe_keeps_the_dense_output(router, activation):
     exact for any router with topK-then-softmax, for a zero router otherwise, like the recipe without one."""
     cfg = small_config(activation=activation, normalization="rmsnorm", rotary_percentage=1.0)
     dense = random_model(cfg, scale=0.3)
-    recipe = UpcycleConfig.from_shorthand("E4G2T2", router=router, shared_expert=True, router_init_std=0.3)
+    recipe = UpcycleConfig.from_shorthand("E4G2T2", router=router, shared_expert=True, router_init="virtual_group", router_init_std=0.3)
     assert recipe.scale_factor() == recipe.replace(shared_expert=False).scale_factor() / 2
     moe_cfg, sd = upcycle_state_dict(dense.state_dict(), cfg, recipe)
     for i in range(cfg.num_layers):

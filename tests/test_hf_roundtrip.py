@@ -48,7 +48,7 @@ def test_hf_moe_to_nemo_and_megatron_and_back_is_bit_identical(megatron, tmp_pat
     if dtype != torch.float32:
         model.to(dtype).save_pretrained(tmp_path / "dense")
     moe = tmp_path / "moe"
-    convert(tmp_path / "dense", moe, UpcycleConfig.from_shorthand("E4G2T2", router_init_std=0.5, **recipe),
+    convert(tmp_path / "dense", moe, UpcycleConfig.from_shorthand("E4G2T2", router_init="virtual_group", router_init_std=0.5, **recipe),
             output_format="hf", hf_arch=arch, progress=False)
     want = folder_tensors(moe)
     assert {t.dtype for t in want.values()} == {dtype}
@@ -225,7 +225,7 @@ def test_a_gateless_shared_expert_exports_as_a_zero_gate_and_doubled_down_proj(m
     from tests.nemo_fixtures import write_nemo_dir
 
     cfg = small_config(normalization="rmsnorm", activation="swiglu", rotary_percentage=1.0)
-    recipe = UpcycleConfig.from_shorthand("E2G2T2", router="softmax_then_topk", shared_expert=True, router_init_std=0.3)
+    recipe = UpcycleConfig.from_shorthand("E2G2T2", router="softmax_then_topk", shared_expert=True, router_init="virtual_group", router_init_std=0.3)
     moe_cfg, sd = upcycle_state_dict(random_model(cfg, scale=0.2).state_dict(), cfg, recipe)
     moe_cfg = moe_cfg.replace(moe_shared_expert_gate=False)
     model = GPTModel(moe_cfg).eval()

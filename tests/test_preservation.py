@@ -30,7 +30,7 @@ def recipes(draw):
     t = g * draw(st.integers(1, e))
     router = draw(st.sampled_from(["softmax_then_topk", "topk_then_softmax", "sigmoid"]))
     return UpcycleConfig(expansion=e, granularity=g, topk=t, router=router,
-                         seed=draw(st.integers(0, 10_000)), router_init_std=0.3)
+                         seed=draw(st.integers(0, 10_000)), router_init="virtual_group", router_init_std=0.3)
 
 
 def _models(recipe, activation, bias, zero_router=False):

@@ -59,7 +59,8 @@ def test_dense_equals_megatron_core(megatron, overrides):
 ])
 def test_moe_equals_megatron_core(megatron, router, overrides, shorthand, layers):
     cfg = small_config(**overrides)
-    recipe = UpcycleConfig.from_shorthand(shorthand, router=router, layers=layers, router_init_std=0.5)
+    recipe = UpcycleConfig.from_shorthand(shorthand, router=router, layers=layers, router_init="virtual_group",
+                                          router_init_std=0.5)
     moe_cfg, sd = upcycle_state_dict(random_model(cfg).state_dict(), cfg, recipe)
     # perturb the experts so routing decisions matter
     sd = {k: v + 0.01 * torch.randn_like(v) if ".experts." in k else v for k, v in sd.items()}

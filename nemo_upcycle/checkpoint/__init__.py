@@ -2,7 +2,7 @@
 
 Readers: `.nemo` (tar or directory; torch_dist or legacy TP/PP layouts), Megatron-LM / Megatron-Bridge
 torch_dist directories, Hugging Face folders (Llama, Mistral, Qwen2, Qwen3, Nemotron; Mixtral, Qwen2-MoE,
-Qwen3-MoE). Writers: `.nemo` (NeMo 1.x MegatronGPTModel), Megatron torch_dist, Hugging Face MoE folders.
+Qwen3-MoE), Llama GGUF files (llama.cpp; dequantised). Writers: `.nemo` (NeMo 1.x MegatronGPTModel), Megatron torch_dist, Hugging Face MoE folders.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, TensorInfo, Tokenizer
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
 
-INPUT_FORMATS = ("auto", "nemo", "megatron", "hf")
+INPUT_FORMATS = ("auto", "nemo", "megatron", "hf", "gguf")
 OUTPUT_FORMATS = ("nemo", "megatron", "hf")
 
 
@@ -22,7 +24,7 @@ def detect_format(path: Path) -> str:
     if not path.exists():
         raise UpcycleError(f"{path} does not exist: check the path")
     if path.is_file():
-        return "nemo"
+        return "gguf" if path.suffix.lower() == ".gguf" else "nemo"
     megatron_markers = (".metadata", "latest_checkpointed_iteration.txt")
     if any((path / m).is_file() for m in megatron_markers) or any(path.glob("iter_*")):
         return "megatron"
@@ -34,10 +36,11 @@ def detect_format(path: Path) -> str:
                        "--input-format if it is one")
 
 
-def open_checkpoint(path: Path | str, input_format: str = "auto",
-                    model_config: dict[str, Any] | None = None) -> CheckpointReader:
+def open_checkpoint(path: Path | str, input_format: str = "auto", model_config: dict[str, Any] | None = None,
+                    gguf_dtype: torch.dtype = torch.bfloat16) -> CheckpointReader:
     """A reader for any supported checkpoint; `model_config` supplies NeMo-style model fields where the
-    checkpoint carries none (Megatron directories without saved args)."""
+    checkpoint carries none (Megatron directories without saved args); `gguf_dtype`: what a GGUF file's
+    (quantised) tensors are dequantised to."""
     from nemo_upcycle.checkpoint.archive import refuse_special_files
 
     path = Path(path)
@@ -57,6 +60,10 @@ def open_checkpoint(path: Path | str, input_format: str = "auto",
         from nemo_upcycle.checkpoint.megatron import MegatronReader
 
         return MegatronReader(path, model_config)
+    if fmt == "gguf":
+        from nemo_upcycle.checkpoint.gguf import GGUFReader
+
+        return GGUFReader(path, gguf_dtype)
     raise UpcycleError(f"unknown input format '{input_format}': use one of {', '.join(INPUT_FORMATS)}")
 
 

@@ -43,6 +43,7 @@ from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import stack_experts
 from nemo_upcycle.models.reference import lm_loss
 from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
+from nemo_upcycle.recipe.calibration import reader_tokenizer
 
 if "nemo_upcycle." not in ALLOWED_TARGET_PREFIXES:  # let NeMo's restore instantiate our classes
     ALLOWED_TARGET_PREFIXES.append("nemo_upcycle.")
@@ -165,7 +166,7 @@ class MegatronUpcycledGPTModel(ModelPT):
         """Restore a dense checkpoint and upcycle it in memory with `recipe` (= convert, then restore)."""
         with open_checkpoint(path) as reader:
             check_tensors(reader.tensors(), reader.config, str(path))
-            moe_cfg, state = upcycle_state_dict(reader.state_dict(), reader.config, recipe)
+            moe_cfg, state = upcycle_state_dict(reader.state_dict(), reader.config, recipe, reader_tokenizer(reader))
             conf = model_config_for(moe_cfg, reader.source_config, reader.tokenizer)
             if overrides:
                 conf = with_overrides(conf, OmegaConf.create(overrides))

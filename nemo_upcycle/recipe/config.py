@@ -15,7 +15,7 @@ from typing import Any
 from nemo_upcycle.errors import UpcycleError, check_field_types
 
 ROUTER_TYPES = ("softmax_then_topk", "topk_then_softmax", "sigmoid")
-ROUTER_INITS = ("virtual_group", "random")
+ROUTER_INITS = ("calibrated", "virtual_group", "random")
 SCALING_METHODS = ("homogeneous", "megatron", "fc2")
 MAX_EXPERTS = 4096  # far beyond any published MoE (DeepSeek-V3: 256); a typo like E999999 would never finish
 
@@ -39,8 +39,11 @@ class UpcycleConfig:
     # homogeneous: exact wherever the MLP is positively homogeneous in some weights (our default);
     # megatron: Megatron-LM's upcycling_utils exponents; fc2: all of s on fc2 (exact for any activation).
     scaling_method: str = "homogeneous"
-    # virtual_group: E random rows, each repeated G times, so top-T picks whole copies of the dense MLP.
-    router_init: str = "virtual_group"
+    # calibrated: virtual groups whose rows are one direction (from the dense model's own hidden states) times
+    # distinct multipliers, so groups never tie and the routed sum stays ~1 (recipe.calibration);
+    # virtual_group: the paper's E random rows, each repeated G times (the default before 0.2);
+    # random: E*G independent random rows (no step-0 guarantee).
+    router_init: str = "calibrated"
     router_init_std: float | None = None  # None: the dense model's init_method_std
     seed: int = 1234
     # Which layers become MoE: None = every `layer_freq`-th layer (0, k, 2k, ...; Megatron's moe_layer_freq),
@@ -80,7 +83,7 @@ class UpcycleConfig:
                 f"top-k {self.topk} exceeds the number of experts {self.num_experts} (= E*G = "
                 f"{self.expansion}*{self.granularity}): lower topk or raise expansion"
             )
-        if self.router_init == "virtual_group" and self.topk % self.granularity:
+        if self.router_init != "random" and self.topk % self.granularity:
             raise UpcycleError(
                 f"top-k {self.topk} must be a multiple of granularity {self.granularity} for virtual-group "
                 "routing: pick topk in multiples of G, or router_init=random"
@@ -93,6 +96,9 @@ class UpcycleConfig:
             raise UpcycleError(f"weight_scaling must be 'auto', 'off' or a positive number, got {ws!r}")
         if not 0.0 <= self.drop_ratio < 1.0:
             raise UpcycleError(f"drop_ratio must be in [0, 1), got {self.drop_ratio}")
+        if self.router_init_std is not None and self.router_init == "calibrated":
+            raise UpcycleError("router_init_std sets the std of virtual_group or random router rows, not of the "
+                               "calibrated init: add router_init=virtual_group (--router-init virtual_group)")
         if self.router_init_std is not None and self.router_init_std <= 0:
             raise UpcycleError(f"router_init_std must be positive, got {self.router_init_std}")
         if self.topk_scaling_factor is not None and self.topk_scaling_factor <= 0:

@@ -19,6 +19,7 @@ Biases:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -94,16 +95,36 @@ def is_exact(activation: Activation, exponents: tuple[Fraction, Fraction, Fracti
 
 
 def scaling_factors(recipe: UpcycleConfig, activation: Activation) -> ScalingFactors:
+    """The factors s**exponents, or, when s is a power of two and the exponents are exact, a power-of-two split
+    of s with the same product (`power_of_two_split`): exact in bfloat16 as in float32."""
     s = recipe.scale_factor()
     exps = scaling_exponents(activation, recipe.scaling_method)
-    e_gate, e_fc1, e_fc2 = (float(e) for e in exps)
-    return ScalingFactors(
-        gate=s**e_gate,
-        fc1=s**e_fc1,
-        fc2=s**e_fc2,
-        fc2_bias=s / recipe.granularity,
-        exact=is_exact(activation, exps),
-    )
+    exact = is_exact(activation, exps)
+    split = (power_of_two_split(s, activation, exps)
+             if exact and activation.gated and recipe.scaling_method == "homogeneous" else None)
+    gate, fc1, fc2 = split or tuple(s ** float(e) for e in exps)
+    return ScalingFactors(gate=gate, fc1=fc1, fc2=fc2, fc2_bias=s / recipe.granularity, exact=exact)
+
+
+def power_of_two_split(s: float, activation: Activation,
+                       exps: tuple[Fraction, Fraction, Fraction]) -> tuple[float, float, float] | None:
+    """For s = 2**k: factors 2**k_gate, 2**k_fc1, 2**k_fc2 with integer exponents nearest k * exps whose
+    product on the output is still exactly s (the homogeneity degrees of `is_exact`), so every scaled weight
+    is its dense value times a power of two, which no dtype rounds (sqrt(8) on two bf16 tensors does: E8G8T8
+    topK-then-softmax from a bf16 Llama gave logit errors of 6e-3). None when s is not a power of two. Used by the homogeneous method; megatron keeps Megatron-LM's own factors."""
+    k = math.log2(s) if s > 0 else 0.5
+    if k != round(k):
+        return None
+    k = round(k)
+    d = activation.degree
+    e_gate, e_fc1, e_fc2 = exps
+    k_gate = round(k * e_gate) if e_gate else 0
+    k_fc1 = round(k * e_fc1) if e_fc1 else 0
+    inner = (d * k_gate if e_gate else 0) if activation.gated else 0
+    k_fc2 = k - inner - (k_fc1 if activation.gated else (d or 1) * k_fc1)
+    if not e_fc2 and k_fc2:
+        return None  # s cannot be moved onto fc2 by this method
+    return 2.0 ** k_gate, 2.0 ** k_fc1, 2.0 ** k_fc2
 
 
 def shard_dense_mlp(dense: MLPWeights, granularity: int, gated: bool) -> MLPWeights:
@@ -211,12 +232,21 @@ def _reinit_(t: torch.Tensor, idx: torch.Tensor, dim: int, generator: torch.Gene
 
 
 def init_router(recipe: UpcycleConfig, hidden_size: int, std: float, layer: int = 0,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Router weight [E*G, H] for one layer: normal(0, std) rows, seeded per layer.
+                dtype: torch.dtype = torch.float32, direction: torch.Tensor | None = None) -> torch.Tensor:
+    """Router weight [E*G, H] for one layer.
 
-    virtual_group: E rows, each repeated G times consecutively, so experts g*G .. g*G+G-1 (one whole copy of
-    the dense MLP) always score the same and top-T (T a multiple of G) selects whole copies.
+    calibrated: group g's row is m_g * `direction` (recipe.calibration: ordered groups, no ties, rho ~ 1);
+    virtual_group: the paper's E normal(0, std) rows; random: E*G normal(0, std) rows, seeded per layer.
+    In both virtual-group inits each row is repeated G times consecutively, so experts g*G .. g*G+G-1 (one whole
+    copy of the dense MLP) always score the same and top-T (T a multiple of G) selects whole copies.
     """
+    if recipe.router_init == "calibrated":
+        from nemo_upcycle.recipe.calibration import group_multipliers
+
+        if direction is None:
+            raise ValueError("router_init=calibrated needs the layer's calibrated direction")
+        base = group_multipliers(recipe.expansion)[:, None].float() * direction.float()[None, :]
+        return virtual_group_rows(base, recipe.granularity).to(dtype)
     gen = layer_generator(recipe.seed, layer, ROUTER_STREAM)
     rows = recipe.expansion if recipe.router_init == "virtual_group" else recipe.num_experts
     base = torch.empty(rows, hidden_size).normal_(0.0, std, generator=gen)

@@ -24,10 +24,11 @@ def moe_config(dense: GPTConfig, recipe: UpcycleConfig) -> GPTConfig:
     return dense.replace(**recipe.megatron_moe_fields(dense.ffn_hidden_size, dense.num_layers))
 
 
-def upcycle_layer_mlp(mlp: dict[str, torch.Tensor], dense: GPTConfig, recipe: UpcycleConfig,
-                      layer: int) -> dict[str, torch.Tensor]:
+def upcycle_layer_mlp(mlp: dict[str, torch.Tensor], dense: GPTConfig, recipe: UpcycleConfig, layer: int,
+                      router_direction: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One layer's dense MLP tensors (keys `mlp.linear_fc1.weight`, ...) -> its router and stacked experts
-    (`mlp.router.weight` [N, H], `mlp.experts.linear_fc1.weight` [N, F_e(x2), H], ...)."""
+    (`mlp.router.weight` [N, H], `mlp.experts.linear_fc1.weight` [N, F_e(x2), H], ...). `router_direction`: the
+    layer's calibrated direction (recipe.calibration), needed by router_init=calibrated."""
     experts = upcycle_mlp(
         MLPWeights(
             fc1_weight=mlp["mlp.linear_fc1.weight"],
@@ -41,7 +42,8 @@ def upcycle_layer_mlp(mlp: dict[str, torch.Tensor], dense: GPTConfig, recipe: Up
     )
     std = recipe.router_init_std or dense.init_method_std
     out = {
-        "mlp.router.weight": init_router(recipe, dense.hidden_size, std, layer, experts.fc1_weight.dtype),
+        "mlp.router.weight": init_router(recipe, dense.hidden_size, std, layer, experts.fc1_weight.dtype,
+                                          router_direction),
         "mlp.experts.linear_fc1.weight": experts.fc1_weight,
         "mlp.experts.linear_fc2.weight": experts.fc2_weight,
     }
@@ -58,10 +60,14 @@ def upcycle_layer_mlp(mlp: dict[str, torch.Tensor], dense: GPTConfig, recipe: Up
     return out
 
 
-def upcycle_state_dict(dense_sd: dict[str, torch.Tensor], dense: GPTConfig,
-                       recipe: UpcycleConfig) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """A dense reference-model (local-spec) state dict -> (MoE config, MoE state dict with per-expert keys)."""
+def upcycle_state_dict(dense_sd: dict[str, torch.Tensor], dense: GPTConfig, recipe: UpcycleConfig,
+                       tokenizer=None) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """A dense reference-model (local-spec) state dict -> (MoE config, MoE state dict with per-expert keys).
+    `tokenizer`: the model's, for the calibration text of router_init=calibrated (random tokens without)."""
+    from nemo_upcycle.recipe.calibration import directions_from_state_dict
+
     moe = moe_config(dense, recipe)
+    directions = directions_from_state_dict(dense_sd, dense, recipe, tokenizer) or {}
     pattern = moe.moe_layer_pattern()
     out: dict[str, torch.Tensor] = {}
     layer_mlps: dict[int, dict[str, torch.Tensor]] = {}
@@ -74,5 +80,5 @@ def upcycle_state_dict(dense_sd: dict[str, torch.Tensor], dense: GPTConfig,
             out[key] = value
     for i, mlp in sorted(layer_mlps.items()):
         prefix = next(k for k in dense_sd if layer_index(k) == i).split(f"layers.{i}.")[0] + f"layers.{i}."
-        out.update({prefix + k: v for k, v in upcycle_layer_mlp(mlp, dense, recipe, i).items()})
+        out.update({prefix + k: v for k, v in upcycle_layer_mlp(mlp, dense, recipe, i, directions.get(i)).items()})
     return moe, unstack_experts(out)
