@@ -53,11 +53,11 @@ def test_a_swapped_and_a_duplicated_expert_in_a_hugging_face_export_are_named(de
     rewrite_tensors(out, tamper)
     found = problems(dense, out, recipe)
     assert len(found) == 3, found
-    scale = f"x{recipe.scale_factor() ** 0.5:.4g}"
-    assert found[0].startswith(f"layer 0 expert 7 linear_fc1.weight: expected dense shard 1 (gate x1, up {scale}),")
+    # s = E*G^2/T = 8, a power of two: split exactly as up x4, down x2 (recipe.experts.power_of_two_split)
+    assert found[0].startswith("layer 0 expert 7 linear_fc1.weight: expected dense shard 1 (gate x1, up x4),")
     assert found[0].endswith("found the tensor of expert 6 (duplicated or mis-ordered?)")
-    assert found[1] == (f"layer 1 expert 2 linear_fc2.weight: expected dense shard 0 {scale}, 0.5 of its neurons "
-                        f"re-drawn (seed 1234), found the tensor of expert 5 (duplicated or mis-ordered?)")
+    assert found[1] == ("layer 1 expert 2 linear_fc2.weight: expected dense shard 0 x2, 0.5 of its neurons "
+                        "re-drawn (seed 1234), found the tensor of expert 5 (duplicated or mis-ordered?)")
     assert found[2].startswith("layer 1 expert 5 linear_fc2.weight") and found[2].endswith("of expert 2 (duplicated "
                                                                                             "or mis-ordered?)")
 
@@ -84,9 +84,10 @@ def test_a_lost_expert_and_a_mis_scaled_one_in_a_megatron_checkpoint_are_named(m
     _write_tampered(dense, tmp_path / "mlm", recipe, "megatron", tamper)
     found = problems(dense, tmp_path / "mlm", recipe)
     assert len(found) == 2, found
-    assert found[0] == ("layer 1 expert 3 linear_fc1.weight: expected dense shard 1 (gate x1, up x1.414), "
+    # s = G = 2: all of it on down_proj, so up keeps its dense values (power_of_two_split)
+    assert found[0] == ("layer 1 expert 3 linear_fc1.weight: expected dense shard 1 (gate x1, up x1), "
                         "found zeros (a lost expert?)")
-    assert found[1].startswith("layer 1 expert 4 linear_fc1.weight: expected dense shard 0 (gate x1, up x1.414), "
+    assert found[1].startswith("layer 1 expert 4 linear_fc1.weight: expected dense shard 0 (gate x1, up x1), "
                                "found a tensor the recipe does not make (sha256 ")
 
 
@@ -103,7 +104,7 @@ def test_cli_verify_writes_per_expert_checksums_next_to_the_output(dense, tmp_pa
         "mlp.router.weight", "mlp.shared_experts.linear_fc1.weight", "mlp.shared_experts.linear_fc2.weight",
         "mlp.shared_experts.gate_weight"}
     assert all(r["expected_sha256"] == r["found_sha256"] and r["problem"] is None for r in records)
-    assert records[1]["expected"] == "dense shard 0 (gate x1, up x1.414)"  # E2G2T2, s = E*G^2/T / 2 = 2
+    assert records[1]["expected"] == "dense shard 0 (gate x1, up x1)"  # E2G2T2, s = E*G^2/T / 2 = 2, all on down
 
 
 def test_torch_dist_verify_passes_for_a_good_conversion_with_drop_upcycling(dense, tmp_path):

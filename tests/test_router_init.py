@@ -151,7 +151,8 @@ def test_power_of_two_factors_are_exact_in_bf16_and_sqrt8_is_not():
 def test_verify_fails_when_the_loss_moves_and_names_the_cause(megatron, tmp_path):
     from tests.nemo_fixtures import spm_model_bytes, write_nemo_dir
 
-    src = write_nemo_dir(tmp_path / "dense.nemo", random_model(swiglu_config()), spm_model_bytes(tmp_path))
+    # weights large enough that the MLP shapes the logits (at the default 0.05 a 3x MLP moves the loss < 0.1%)
+    src = write_nemo_dir(tmp_path / "dense.nemo", random_model(swiglu_config(), scale=0.5), spm_model_bytes(tmp_path))
     good = convert(src, tmp_path / "good.nemo", UpcycleConfig.from_shorthand("E4G2T2"), verify_layers=0,
                    progress=False)
     assert good.verify["status"] == "PASSED"
