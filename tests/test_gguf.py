@@ -125,3 +125,11 @@ def test_smollm2_upcycles_and_verify_passes_on_real_text(tmp_path):
                       progress=False)
     assert summary.verify["status"] == "PASSED", summary.verify["status"]
     assert "Paris" in summary.verify["greedy 'The capital of France is'"]
+    # the tokenizer rebuilt from the GGUF metadata travels inside the .nemo (the reader's temp folder is gone)
+    from transformers import AutoTokenizer
+
+    from nemo_upcycle.checkpoint import load_tokenizer_of
+
+    text = "The capital of France is Paris."
+    want = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)(text, add_special_tokens=False)["input_ids"]
+    assert load_tokenizer_of(tmp_path / "moe.nemo").encode(text) == want

