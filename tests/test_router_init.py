@@ -130,6 +130,27 @@ def test_calibrated_router_learns_and_balances():
     assert busiest[0] > 0.6 and busiest[-1] < 0.5  # the load spreads over the experts
 
 
+@pytest.mark.parametrize("shorthand", ["E8G1T2", "E4G1T1", "E8G1T2:topk_then_softmax"])
+@torch.no_grad()
+def test_bf16_g1_upcycle_reproduces_the_dense_model_bit_for_bit(shorthand):
+    """With G = 1 every expert is the whole dense MLP, and power-of-two scaling and routing weights make the bf16
+    upcycle compute exactly the dense bf16 model. (For G > 1 bit-exactness is impossible: G shard GEMMs round
+    differently from one dense GEMM; see the README's step-0 section for what that costs.)"""
+    name, _, router = shorthand.partition(":")
+    dense, moe = upcycled(UpcycleConfig.from_shorthand(name, router=router or "softmax_then_topk"),
+                          swiglu_config(hidden_size=64, ffn_hidden_size=256))
+    dense, moe = dense.to(torch.bfloat16), moe.to(torch.bfloat16)
+    mlp_inputs = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: mlp_inputs.__setitem__(i, a[0]))
+             for i, layer in enumerate(dense.decoder.layers)]
+    dense_logits = dense(TOKENS).logits
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(moe.decoder.layers):
+        assert torch.equal(layer.mlp(mlp_inputs[i]), dense.decoder.layers[i].mlp(mlp_inputs[i])), f"layer {i}"
+    assert torch.equal(moe(TOKENS).logits, dense_logits)
+
+
 def test_power_of_two_factors_are_exact_in_bf16_and_sqrt8_is_not():
     act = get_activation("swiglu")
     g = torch.Generator().manual_seed(0)
