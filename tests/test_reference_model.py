@@ -116,7 +116,7 @@ def test_moe_layer_equals_a_per_token_loop(router):
         sum(r.weights[t, j] * layer.experts.local_experts[int(r.experts[t, j])](flat[t]) for j in range(2))
         for t in range(flat.shape[0])
     ]).reshape(x.shape)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # fp32, two summation orders
     assert r.tokens_per_expert.sum() == 14 * 2
     torch.testing.assert_close(r.tokens_per_expert, torch.bincount(r.experts.flatten(), minlength=4))
 
