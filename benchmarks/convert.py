@@ -1,7 +1,9 @@
 """Converter speed and memory, side by side in one run, on a synthetic dense Nemotron-style checkpoint of about
 1.2B parameters in bf16 that this script generates (torch_dist, as NeMo saves it):
 
-  ours      `nemo-upcycle convert` to a packed .nemo (streamed layer by layer)
+  ours      `nemo-upcycle convert` to a packed .nemo (streamed layer by layer), once with the default calibrated
+            router init (one extra forward pass of 384 calibration tokens through the dense layers, one at a
+            time) and once with `--router-init virtual_group` (the paper's random rows: no extra pass)
   megatron  Megatron-core's own path: build dense and MoE GPTModels in memory, dist_checkpointing.load the
             dense weights, upcycling_utils.upcycle_state_dict, load_state_dict, dist_checkpointing.save
   copy      a plain copy of the same number of output bytes on the same disk (shutil.copyfile)
@@ -59,11 +61,11 @@ def generate(path: Path, layers: int, hidden: int) -> None:
     write_megatron_dist(path / "model_weights", cfg, tensors, fetch, NEMO_PREFIX)
 
 
-def run_ours(src: Path, out: Path, recipe: str) -> dict:
+def run_ours(src: Path, out: Path, recipe: str, router_init: str) -> dict:
     from nemo_upcycle.convert import convert
     from nemo_upcycle.recipe import UpcycleConfig
 
-    s = convert(src, out, UpcycleConfig.from_shorthand(recipe), progress=False)
+    s = convert(src, out, UpcycleConfig.from_shorthand(recipe, router_init=router_init), progress=False)
     return {"seconds": s.seconds, "peak_rss": s.peak_rss_bytes, "bytes_out": out.stat().st_size,
             "params_out": s.plan.params(s.plan.outputs)}
 
@@ -106,13 +108,19 @@ def run_copy(src_file: Path, out: Path) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
-    if args.part == "ours":
-        result = run_ours(work / "dense", work / "ours.nemo", args.recipe)
+    if args.part in ROUTER_INITS:
+        out = work / "ours.nemo"
+        shutil.rmtree(out, ignore_errors=True)
+        out.unlink(missing_ok=True)
+        result = run_ours(work / "dense", out, args.recipe, args.part)
     elif args.part == "megatron":
         result = run_megatron(work / "dense", work / "megatron_out", args.recipe)
     else:
         result = run_copy(work / "ours.nemo", work / "copy.bin")
     print("RESULT " + json.dumps(result))
+
+
+ROUTER_INITS = ("calibrated", "virtual_group")  # the "ours" parts: default first
 
 
 def run_part(part: str, args: argparse.Namespace) -> dict:
@@ -132,7 +140,7 @@ def main() -> None:
     p.add_argument("--workdir", default="bench_out/convert", help="scratch directory (deleted at the end)")
     p.add_argument("--skip-megatron", action="store_true", help="only ours and the plain copy")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    p.add_argument("--part", choices=["ours", "megatron", "copy"], help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=[*ROUTER_INITS, "megatron", "copy"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.part:
         return child(args)
@@ -144,21 +152,22 @@ def main() -> None:
     print(f"generating a synthetic dense checkpoint ({args.layers} layers, hidden {args.hidden}, bf16) ...")
     generate(work / "dense", args.layers, args.hidden)
     dense_bytes = sum(f.stat().st_size for f in (work / "dense").rglob("*") if f.is_file())
-    ours = run_part("ours", args)
+    runs = {init: run_part(init, args) for init in ROUTER_INITS}
+    ours = runs["calibrated"]
     copy = run_part("copy", args)
-    rows = [
-        ["ours (nemo-upcycle convert)", f"{ours['seconds']:.1f}", f"{ours['bytes_out'] / 1e9 / ours['seconds']:.2f}",
-         f"{ours['peak_rss'] / 1e9:.2f}"],
-        ["plain copy of the output bytes", f"{copy['seconds']:.1f}",
-         f"{ours['bytes_out'] / 1e9 / copy['seconds']:.2f}", "-"],
-    ]
-    ratios = [f"throughput ours / plain copy: {copy['seconds'] / ours['seconds']:.2f}x (target >= 0.5x)"]
+    rows = [[f"ours (nemo-upcycle convert, --router-init {init})", f"{r['seconds']:.1f}",
+             f"{r['bytes_out'] / 1e9 / r['seconds']:.2f}", f"{r['peak_rss'] / 1e9:.2f}"] for init, r in runs.items()]
+    rows.append(["plain copy of the output bytes", f"{copy['seconds']:.1f}",
+                 f"{ours['bytes_out'] / 1e9 / copy['seconds']:.2f}", "-"])
+    ratios = [f"throughput ours ({init}) / plain copy: {copy['seconds'] / r['seconds']:.2f}x (target >= 0.5x)"
+              for init, r in runs.items()]
     if not args.skip_megatron:
         meg = run_part("megatron", args)
         rows.append(["Megatron upcycle_state_dict (in memory)", f"{meg['seconds']:.1f}",
                      f"{ours['bytes_out'] / 1e9 / meg['seconds']:.2f}", f"{meg['peak_rss'] / 1e9:.2f}"])
-        ratios += [f"peak RSS ours / Megatron: {ours['peak_rss'] / meg['peak_rss']:.1%} (target < 20%)",
-                   f"time ours / Megatron: {ours['seconds'] / meg['seconds']:.2f}x"]
+        ratios += [f"peak RSS ours ({init}) / Megatron: {r['peak_rss'] / meg['peak_rss']:.1%} (target < 20%)"
+                   for init, r in runs.items()]
+        ratios += [f"time ours ({init}) / Megatron: {r['seconds'] / meg['seconds']:.2f}x" for init, r in runs.items()]
     print(f"\ndense input: {dense_bytes / 1e9:.2f} GB; recipe {args.recipe}; output {human_count(ours['params_out'])} "
           f"parameters, {ours['bytes_out'] / 1e9:.2f} GB (.nemo tar); {os.cpu_count()} CPUs\n")
     print(markdown_table(["", "seconds", "GB/s (output bytes)", "peak RSS GB"], rows))
