@@ -55,11 +55,12 @@ def _layouts(work: Path, layouts: list[str], nproc: int) -> dict[str, tuple[floa
 
 
 def test_engine_on_two_processes_equals_one_process(engine_reference):
-    """TP=2 (sequence parallel), PP=2 (1F1B), EP=2, DP=2, the
-    distributed optimizer with overlapped bucketed reduce, and a resume from a sharded model + Adam checkpoint
-    at another TP/PP layout: every result equals the one-process run's weights. Expert gradients reduced over
+    """TP=2 (sequence parallel), PP=2 (1F1B), PP=2 x VPP=2 (interleaved 1F1B), EP=2, DP=2, the
+    distributed optimizer with overlapped bucketed reduce, and resumes from a sharded model + Adam checkpoint
+    at another TP/PP/VPP layout: every result equals the one-process run's weights. Expert gradients reduced over
     the data-parallel group instead of the expert-data-parallel one (the old flat reduction's mistake) do not."""
-    layouts = ["tp2", "pp2", "ep2", "dp2", "dp2+do+og", "ep2+do", "pp2>tp2"]
+    layouts = ["tp2", "pp2", "pp2vpp2", "ep2", "dp2", "dp2+do+og", "ep2+do", "pp2vpp2+do+og", "pp2>tp2",
+               "tp2>pp2vpp2"]
     found = _layouts(engine_reference, layouts + ["ep2+flat"], nproc=2)
     for name in layouts:
         diff, moved = found[name]

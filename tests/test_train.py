@@ -242,7 +242,9 @@ def test_parallel_sizes_get_one_line_errors(workdir):
         ParallelLayout(tensor_model_parallel_size=2, expert_model_parallel_size=2).check(6, "megatron")
     with pytest.raises(UpcycleError, match="needs pipeline_model_parallel_size > 1"):
         ParallelLayout(virtual_pipeline_model_parallel_size=2).check(2, "megatron")
-    with pytest.raises(UpcycleError, match="interleaved schedule"):
-        ParallelLayout(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2).check(2, "megatron")
+    interleaved = ParallelLayout(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    interleaved.check(4, "megatron", global_batch_size=8, micro_batch_size=2)
+    with pytest.raises(UpcycleError, match=r"interleaved schedule\) needs the micro-batches .* \(3: "):
+        interleaved.check(4, "megatron", global_batch_size=12, micro_batch_size=2)
     with pytest.raises(UpcycleError, match="overlap_param_gather needs use_distributed_optimizer"):
         ParallelLayout(overlap_param_gather=True).check(2, "megatron")
