@@ -115,7 +115,7 @@ def load_state(engine, path: Path) -> None:
     with megatron_engine_on_cpu():
         loaded = dist_checkpointing.load(engine.sharded_state_dict(loading=True), str(path))
         load_chunk_states([c.module for c in engine.chunks], loaded["model"], "model.", path)
-        engine.optimizer.megatron.load_state_dict(loaded["optimizer"])
+    engine.load_optimizer_state(loaded["optimizer"])
 
 
 def fresh_dir(path: Path) -> None:

@@ -238,25 +238,23 @@ class MegatronEngine:
             for chunk in self.chunks:
                 chunk.start_param_sync(force_sync=True)
 
-    def _check_distributed_optimizer_resumes(self) -> None:
-        """Megatron 0.16 restores the distributed optimizer's state from a checkpoint only with Apex's or TE's
-        Adam: with torch's Adam (no Apex / TE, e.g. on CPU) its state_dict asserts on the missing per-parameter
-        state, and working around that resumed 5e-3 away from the uninterrupted run in our test. Refuse."""
-        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+    def load_optimizer_state(self, loaded: dict[str, Any]) -> None:
+        """The optimizer part of what dist_checkpointing.load returned for `sharded_state_dict(loading=True)`."""
+        from nemo_upcycle.compat import megatron_engine_on_cpu, torch_adam_distributed_load
 
-        if self.layout.use_distributed_optimizer and not HAVE_APEX_OR_TE:
-            raise UpcycleError("resuming use_distributed_optimizer=true needs Transformer Engine or Apex (Megatron's "
-                               "fused Adam): install one, or resume with use_distributed_optimizer=false")
+        with megatron_engine_on_cpu(), torch_adam_distributed_load(self.optimizer.megatron):
+            self.optimizer.megatron.load_state_dict(loaded)
 
     def sharded_state_dict(self, loading: bool = False) -> dict[str, Any]:
         """Model and optimizer, sharded by Megatron; the distributed optimizer's state in its fully reshardable form
         (per parameter, like a plain optimizer's), so a run resumes at any other TP / PP / EP / DP layout."""
+        from nemo_upcycle.compat import torch_adam_state_before_load
         from nemo_upcycle.models.megatron import sharded_state_dict_of
 
         chunks = sharded_state_dict_of([c.module for c in self.chunks], "model.")
         state = {"model": chunks}
         if loading and self.optimizer is not None and self.stateful_optimizer:
-            self._check_distributed_optimizer_resumes()
+            torch_adam_state_before_load(self.optimizer.megatron)
         if self.optimizer is not None and self.stateful_optimizer:  # plain SGD has no state (nor a loader for one)
             state["optimizer"] = self.optimizer.megatron.sharded_state_dict(
                 chunks, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable",
@@ -386,13 +384,8 @@ class MegatronParallelStrategy(DDPStrategy):
                           "model.", self._resume_dir)
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
-        from nemo_upcycle.compat import megatron_engine_on_cpu
-
-        if not self.engine.stateful_optimizer:
-            return
-        loaded = self._load_sharded(with_optimizer=True)
-        with megatron_engine_on_cpu():
-            self.engine.optimizer.megatron.load_state_dict(loaded["optimizer"])
+        if self.engine.stateful_optimizer:
+            self.engine.load_optimizer_state(self._load_sharded(with_optimizer=True)["optimizer"])
 
     def remove_checkpoint(self, filepath) -> None:
         super().remove_checkpoint(filepath)
