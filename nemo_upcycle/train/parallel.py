@@ -238,6 +238,28 @@ class MegatronEngine:
             for chunk in self.chunks:
                 chunk.start_param_sync(force_sync=True)
 
+    def optimizer_layout(self) -> dict[str, Any]:
+        """What decides the optimizer checkpoint's keys: the distributed optimizer also stores fp32 main params, and
+        Megatron chains a second (expert) optimizer, with its own key prefix, when expert_model_parallel_size > 1."""
+        megatron = self.optimizer.megatron
+        return {"use_distributed_optimizer": self.layout.use_distributed_optimizer,
+                "optimizers": len(getattr(megatron, "chained_optimizers", [megatron]))}
+
+    def check_resumes_from(self, path: Path) -> None:
+        """One-line error where Megatron's loader would fail on a key: optimizer state saved in another layout."""
+        from megatron.core import dist_checkpointing
+
+        if self.optimizer is None or not self.stateful_optimizer:
+            return
+        saved = dist_checkpointing.load_common_state_dict(str(path)).get("optimizer_layout")
+        mine = self.optimizer_layout()
+        if saved is not None and saved != mine:
+            raise UpcycleError(
+                f"{path} holds optimizer state with use_distributed_optimizer={saved['use_distributed_optimizer']} in "
+                f"{saved['optimizers']} Megatron optimizer(s); this run has {mine['use_distributed_optimizer']} in "
+                f"{mine['optimizers']} (a second, expert optimizer comes with expert_model_parallel_size > 1): resume "
+                "with the same use_distributed_optimizer and expert_model_parallel_size on the same side of 1")
+
     def load_optimizer_state(self, loaded: dict[str, Any]) -> None:
         """The optimizer part of what dist_checkpointing.load returned for `sharded_state_dict(loading=True)`."""
         from nemo_upcycle.compat import megatron_engine_on_cpu, torch_adam_distributed_load
@@ -260,6 +282,7 @@ class MegatronEngine:
                 chunks, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable",
                                             # gathered through the gloo groups, in host memory
                                             "distrib_optim_fully_reshardable_mem_efficient": True})
+            state["optimizer_layout"] = self.optimizer_layout()  # common (not sharded): checked before a resume
         return state
 
 
@@ -371,6 +394,7 @@ class MegatronParallelStrategy(DDPStrategy):
 
         from nemo_upcycle.compat import megatron_engine_on_cpu
 
+        self.engine.check_resumes_from(self._resume_dir)
         state = self.engine.sharded_state_dict(loading=True)
         if not with_optimizer:
             state.pop("optimizer", None)
