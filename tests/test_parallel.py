@@ -119,3 +119,24 @@ def test_resume_across_optimizer_layouts_gets_a_one_line_error(megatron, tmp_pat
         states = list(same.optimizer.megatron.optimizer.state.values())
         assert [float(s["step"]) for s in states] == [1.0] * len(states)
         assert len({id(s["step"]) for s in states}) == len(states)  # torch's Adam increments each one
+
+
+@pytest.mark.slow
+def test_interleaved_engine_run_resumes_through_lightning(megatron, tmp_path):
+    """Through the CLI (Lightning, exp_manager, validation, .nemo): two steps in one process with the distributed
+    optimizer, then a torchrun launch at PP=2 x VPP=2 (four layers: one per chunk) resuming to step four, equal
+    to an uninterrupted one-process run."""
+    from nemo_upcycle.train.run import train
+    from tests.test_train import _engine_args, _saved, _torchrun_train, build_workdir, run_config
+
+    work = build_workdir(tmp_path, num_layers=4)
+    args = lambda name, steps: _engine_args(work, name, steps) + ["use_distributed_optimizer=true"]  # noqa: E731
+    train(run_config(work, *args("vpp_resume", 2)))
+    _torchrun_train(work, args("vpp_resume", 4) + ["pipeline_model_parallel_size=2",
+                                                   "virtual_pipeline_model_parallel_size=2"])
+    single = train(run_config(work, *args("one_engine", 4)))
+    start, one, two = _saved(work / "moe.nemo"), _saved(single.nemo_path), _saved(work / "vpp_resume.nemo")
+    assert one.keys() == two.keys() == start.keys()
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 0.01
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)

@@ -26,9 +26,12 @@ RECIPE = UpcycleConfig.from_shorthand("E4G2T2")
 
 @pytest.fixture(scope="module")
 def workdir(megatron, tmp_path_factory):
+    return build_workdir(tmp_path_factory.mktemp("train"))
+
+
+def build_workdir(tmp: Path, num_layers: int = 2) -> Path:
     """A dense .nemo with a SentencePiece tokenizer, its E4G2T2 upcycle, and real text tokenized for it."""
-    tmp = tmp_path_factory.mktemp("train")
-    dense = random_model(small_config(num_layers=2, vocab_size=128, seq_length=64), scale=0.02)
+    dense = random_model(small_config(num_layers=num_layers, vocab_size=128, seq_length=64), scale=0.02)
     spm = spm_model_bytes(tmp, vocab_size=128)
     (tmp / "tokenizer.model").write_bytes(spm)
     src = pack_nemo(write_nemo_dir(tmp / "dense", dense, spm), tmp / "dense.nemo")
