@@ -116,3 +116,59 @@ def init_megatron(tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_p
         model_parallel_cuda_manual_seed(1234)
     else:
         initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def _torch_adam_distributed_optimizers(megatron_optimizer) -> list:
+    """Megatron's distributed optimizer(s) (one per chained part) that fell back to torch's Adam(W) because
+    neither Transformer Engine nor Apex is installed; empty otherwise."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return []
+    parts = getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer])
+    return [p for p in parts
+            if isinstance(p, DistributedOptimizer) and isinstance(p.optimizer, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def torch_adam_state_before_load(megatron_optimizer) -> None:
+    """Megatron 0.16's distributed optimizer with torch's Adam reads each parameter's `step` from the optimizer's
+    state when it builds the state dict to load into (DistributedOptimizer.state_dict asserts one step value), but
+    torch's Adam has no state before its first step. Give a fresh one Adam's own initial state (step 0, zero
+    moments), which the load then overwrites."""
+    for part in _torch_adam_distributed_optimizers(megatron_optimizer):
+        adam = part.optimizer
+        for group in adam.param_groups:
+            for p in group["params"]:
+                if not adam.state[p]:
+                    adam.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                     "exp_avg_sq": torch.zeros_like(p)}
+
+
+@contextlib.contextmanager
+def torch_adam_distributed_load(megatron_optimizer) -> Iterator[None]:
+    """While Megatron 0.16's DistributedOptimizer.load_state_dict runs with torch's Adam: its model-space loaders
+    (`load_parameter_state_from_fully_reshardable`, `..._from_fs_model_space`) drop the checkpoint's `step` and
+    then copy every key of the Adam state, `step` included (KeyError: 'step'), and the step it restored before
+    is one tensor shared by all parameters, which Adam would increment once per parameter. Around those loaders
+    the step is set aside and given back to each parameter as its own copy. Scoped; Megatron's code does the
+    load. A no-op with Transformer Engine's or Apex's Adam (their step lives in the param groups)."""
+    patched = []
+    for part in _torch_adam_distributed_optimizers(megatron_optimizer):
+        for name in ("load_parameter_state_from_fully_reshardable", "load_parameter_state_from_fs_model_space"):
+            original = getattr(part, name)
+
+            def load(state_dict, _original=original, _adam=part.optimizer):
+                steps = {p: s.pop("step") for p, s in _adam.state.items() if "step" in s}
+                try:
+                    return _original(state_dict)
+                finally:
+                    for p, step in steps.items():
+                        _adam.state[p]["step"] = step.detach().clone()
+
+            setattr(part, name, load)
+            patched.append((part, name))
+    try:
+        yield
+    finally:
+        for part, name in patched:
+            delattr(part, name)  # the class's method again

@@ -9,8 +9,8 @@ one-process run of the same steps. On CPU (gloo) or GPUs (NCCL):
 A layout is tpN ppN vppN epN etpN dpN (the data-parallel size is what the process count leaves; dpN only
 names it) with +do (distributed optimizer), +og (overlapped, bucketed grad reduce), +opg (overlapped param
 all-gather). `A>B`: one step at layout A, a sharded model + optimizer checkpoint, then the rest at layout B
-(same optimizer kind; the distributed optimizer resumes only with TE / Apex). pp2vpp2 (interleaved) runs the
-engine directly, past the check that refuses it in `nemo-upcycle train`: it does not match yet.
+(same optimizer kind: distributed or not). vppN: N virtual pipeline stages
+per process (Megatron's interleaved 1F1B schedule).
 `ep2+flat` reduces expert gradients over the data-parallel group (the old hand-written reduction's mistake), a
 negative control that must NOT match. Every rank prints `layout NAME: max abs diff D moved M` on rank 0.
 """
@@ -112,10 +112,11 @@ def load_state(engine, path: Path) -> None:
     from nemo_upcycle.compat import megatron_engine_on_cpu
     from nemo_upcycle.models.megatron import load_chunk_states
 
+    engine.check_resumes_from(path)
     with megatron_engine_on_cpu():
         loaded = dist_checkpointing.load(engine.sharded_state_dict(loading=True), str(path))
         load_chunk_states([c.module for c in engine.chunks], loaded["model"], "model.", path)
-        engine.optimizer.megatron.load_state_dict(loaded["optimizer"])
+    engine.load_optimizer_state(loaded["optimizer"])
 
 
 def fresh_dir(path: Path) -> None:

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from nemo_upcycle.convert import convert
 from nemo_upcycle.recipe import UpcycleConfig
@@ -55,11 +56,14 @@ def _layouts(work: Path, layouts: list[str], nproc: int) -> dict[str, tuple[floa
 
 
 def test_engine_on_two_processes_equals_one_process(engine_reference):
-    """TP=2 (sequence parallel), PP=2 (1F1B), EP=2, DP=2, the
-    distributed optimizer with overlapped bucketed reduce, and a resume from a sharded model + Adam checkpoint
-    at another TP/PP layout: every result equals the one-process run's weights. Expert gradients reduced over
+    """TP=2 (sequence parallel), PP=2 (1F1B), PP=2 x VPP=2 (interleaved 1F1B), EP=2, DP=2, the
+    distributed optimizer with overlapped bucketed reduce, and resumes from a sharded model + Adam checkpoint
+    at another TP/PP/VPP layout, with and without the distributed optimizer (torch's Adam on CPU: the resume
+    ends 4.7e-3 away if Megatron's shared `step` tensor is left in place): every result equals the one-process
+    run's weights. Expert gradients reduced over
     the data-parallel group instead of the expert-data-parallel one (the old flat reduction's mistake) do not."""
-    layouts = ["tp2", "pp2", "ep2", "dp2", "dp2+do+og", "ep2+do", "pp2>tp2"]
+    layouts = ["tp2", "pp2", "pp2vpp2", "ep2", "dp2", "dp2+do+og", "ep2+do", "pp2vpp2+do+og", "pp2>tp2",
+               "tp2>pp2vpp2", "tp2+do>pp2vpp2+do"]
     found = _layouts(engine_reference, layouts + ["ep2+flat"], nproc=2)
     for name in layouts:
         diff, moved = found[name]
@@ -69,10 +73,70 @@ def test_engine_on_two_processes_equals_one_process(engine_reference):
 
 @pytest.mark.slow
 def test_engine_on_four_processes_tp2_pp2_equals_one_process(engine_reference):
-    """TP=2 x PP=2 (and TP=2 x EP=2), with and without the distributed optimizer, on four processes (slow: four
-    processes on the CI's two cores)."""
-    layouts = ["tp2pp2", "tp2pp2+do", "tp2ep2"]
+    """TP=2 x PP=2 (also interleaved, VPP=2) and TP=2 x EP=2, with and without the distributed optimizer, and a
+    distributed-optimizer resume from TP=2 x PP=2 at PP=2 x VPP=2 x DP=2 on four processes (slow: four processes
+    on the CI's two cores)."""
+    layouts = ["tp2pp2", "tp2pp2+do", "tp2ep2", "tp2pp2vpp2+do", "tp2pp2+do>pp2vpp2+do"]
     found = _layouts(engine_reference, layouts, nproc=4)
     for name in layouts:
         diff, moved = found[name]
         assert moved > 1e-2 and diff < 1e-6, (name, diff, moved)
+
+
+def test_resume_across_optimizer_layouts_gets_a_one_line_error(megatron, tmp_path):
+    """A sharded checkpoint of the plain optimizer does not resume into the distributed one (its keys differ):
+    a one-line error, not Megatron's KeyError; the same optimizer resumes, its Adam steps per parameter again."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_upcycle.compat import megatron_engine_on_cpu
+    from nemo_upcycle.errors import UpcycleError
+    from nemo_upcycle.models.backends import MegatronBackend
+    from nemo_upcycle.train.parallel import MegatronEngine, ParallelLayout
+
+    def engine(distributed: bool) -> MegatronEngine:
+        torch.manual_seed(0)
+        e = MegatronEngine(MegatronBackend(small_config(), use_te=False),
+                           ParallelLayout(use_distributed_optimizer=distributed))
+        e.build_optimizer(dict(name="adamw", lr=0.01))
+        return e
+
+    tokens = torch.randint(0, 96, (2, 33), generator=torch.Generator().manual_seed(0))
+    for distributed in (False, True):
+        first = engine(distributed)
+        first.run({"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}, 1, forward_only=False)
+        first.optimizer.step()
+        path = tmp_path / f"distributed_{distributed}"
+        path.mkdir()
+        with megatron_engine_on_cpu():
+            dist_checkpointing.save(first.sharded_state_dict(), str(path))
+        with pytest.raises(UpcycleError, match=f"use_distributed_optimizer={distributed} in 1 Megatron optimizer"):
+            engine(not distributed).check_resumes_from(path)
+        same = engine(distributed)
+        same.check_resumes_from(path)
+        with megatron_engine_on_cpu():
+            same.load_optimizer_state(dist_checkpointing.load(same.sharded_state_dict(loading=True),
+                                                              str(path))["optimizer"])
+        states = list(same.optimizer.megatron.optimizer.state.values())
+        assert [float(s["step"]) for s in states] == [1.0] * len(states)
+        assert len({id(s["step"]) for s in states}) == len(states)  # torch's Adam increments each one
+
+
+@pytest.mark.slow
+def test_interleaved_engine_run_resumes_through_lightning(megatron, tmp_path):
+    """Through the CLI (Lightning, exp_manager, validation, .nemo): two steps in one process with the distributed
+    optimizer, then a torchrun launch at PP=2 x VPP=2 (four layers: one per chunk) resuming to step four, equal
+    to an uninterrupted one-process run."""
+    from nemo_upcycle.train.run import train
+    from tests.test_train import _engine_args, _saved, _torchrun_train, build_workdir, run_config
+
+    work = build_workdir(tmp_path, num_layers=4)
+    args = lambda name, steps: _engine_args(work, name, steps) + ["use_distributed_optimizer=true"]  # noqa: E731
+    train(run_config(work, *args("vpp_resume", 2)))
+    _torchrun_train(work, args("vpp_resume", 4) + ["pipeline_model_parallel_size=2",
+                                                   "virtual_pipeline_model_parallel_size=2"])
+    single = train(run_config(work, *args("one_engine", 4)))
+    start, one, two = _saved(work / "moe.nemo"), _saved(single.nemo_path), _saved(work / "vpp_resume.nemo")
+    assert one.keys() == two.keys() == start.keys()
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 0.01
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6, msg=k)

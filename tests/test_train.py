@@ -26,9 +26,12 @@ RECIPE = UpcycleConfig.from_shorthand("E4G2T2")
 
 @pytest.fixture(scope="module")
 def workdir(megatron, tmp_path_factory):
+    return build_workdir(tmp_path_factory.mktemp("train"))
+
+
+def build_workdir(tmp: Path, num_layers: int = 2) -> Path:
     """A dense .nemo with a SentencePiece tokenizer, its E4G2T2 upcycle, and real text tokenized for it."""
-    tmp = tmp_path_factory.mktemp("train")
-    dense = random_model(small_config(num_layers=2, vocab_size=128, seq_length=64), scale=0.02)
+    dense = random_model(small_config(num_layers=num_layers, vocab_size=128, seq_length=64), scale=0.02)
     spm = spm_model_bytes(tmp, vocab_size=128)
     (tmp / "tokenizer.model").write_bytes(spm)
     src = pack_nemo(write_nemo_dir(tmp / "dense", dense, spm), tmp / "dense.nemo")
@@ -242,7 +245,9 @@ def test_parallel_sizes_get_one_line_errors(workdir):
         ParallelLayout(tensor_model_parallel_size=2, expert_model_parallel_size=2).check(6, "megatron")
     with pytest.raises(UpcycleError, match="needs pipeline_model_parallel_size > 1"):
         ParallelLayout(virtual_pipeline_model_parallel_size=2).check(2, "megatron")
-    with pytest.raises(UpcycleError, match="interleaved schedule"):
-        ParallelLayout(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2).check(2, "megatron")
+    interleaved = ParallelLayout(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    interleaved.check(4, "megatron", global_batch_size=8, micro_batch_size=2)
+    with pytest.raises(UpcycleError, match=r"interleaved schedule\) needs the micro-batches .* \(3: "):
+        interleaved.check(4, "megatron", global_batch_size=12, micro_batch_size=2)
     with pytest.raises(UpcycleError, match="overlap_param_gather needs use_distributed_optimizer"):
         ParallelLayout(overlap_param_gather=True).check(2, "megatron")

@@ -8,7 +8,7 @@ The pattern of NeMo 2's MegatronStrategy / MegatronParallel, written small: a Li
 Megatron's parallel groups, wraps every model chunk in `megatron.core.distributed.DistributedDataParallel`
 (bucketed gradient reduce, overlapped with backward when asked, the distributed optimizer's buffers), and the
 model trains with Lightning's manual optimization: one `training_step` is one global batch, run by
-`get_forward_backward_func` (no pipelining or 1F1B; the interleaved one is refused until it matches), which ends with
+`get_forward_backward_func` (no pipelining, 1F1B, or interleaved 1F1B over virtual stages), which ends with
 `finalize_model_grads` (data-parallel reduce per bucket, expert gradients over the expert-data-parallel group,
 sequence-parallel norms and embeddings over their groups). The step itself is `get_megatron_optimizer`'s:
 Adam or SGD, clipping by the norm over every model-parallel shard, the distributed optimizer's sharded state.
@@ -52,8 +52,9 @@ class ParallelLayout:
     def model_parallel(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 
-    def check(self, world_size: int, backend: str) -> None:
-        """One-line errors for layouts Megatron would reject deep inside its set-up."""
+    def check(self, world_size: int, backend: str, global_batch_size: int | None = None,
+              micro_batch_size: int | None = None) -> None:
+        """One-line errors for layouts Megatron would reject deep inside its set-up (or its first step)."""
         tp, pp, ep = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size
         etp = self.expert_tensor_parallel_size or tp
         if min(tp, pp, ep, etp) < 1:
@@ -67,14 +68,20 @@ class ParallelLayout:
                                f"{world_size // (tp * pp)}")
         if self.virtual_pipeline_model_parallel_size and pp == 1:
             raise UpcycleError("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1")
-        if (self.virtual_pipeline_model_parallel_size or 1) > 1:  # scripts/parallel_train_check.py pp2vpp2
-            raise UpcycleError("virtual_pipeline_model_parallel_size > 1 (the interleaved schedule) trained 3.5e-2 "
-                               "away from one process in our CPU check: not supported yet, leave it null")
+        micro = (global_batch_size or 0) // ((micro_batch_size or 1) * (world_size // (tp * pp)))
+        if (self.virtual_pipeline_model_parallel_size or 1) > 1 and global_batch_size and micro % pp:
+            raise UpcycleError(interleaved_batch_error(micro, pp))
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise UpcycleError("overlap_param_gather needs use_distributed_optimizer=true")
         if world_size > 1 and backend != "megatron":
             raise UpcycleError("several processes need backend=megatron (Megatron-core's engine); the torch backend "
                                "is one process")
+
+
+def interleaved_batch_error(micro_batches: int, pipeline: int) -> str:
+    return (f"virtual_pipeline_model_parallel_size (the interleaved schedule) needs the micro-batches per global "
+            f"batch and data-parallel rank ({micro_batches}: global_batch_size / (micro_batch_size x data-parallel "
+            f"size)) to be a multiple of pipeline_model_parallel_size {pipeline}")
 
 
 def data_parallel_size() -> int:
@@ -141,6 +148,8 @@ class MegatronEngine:
         from nemo_upcycle.compat import megatron_engine_on_cpu
 
         self.backend, self.layout, self.clip_grad = backend, layout, clip_grad
+        if len(backend.chunks) > 1:
+            _unbatched_p2p(backend.chunks)
         self.ddp_config = DistributedDataParallelConfig(
             overlap_grad_reduce=layout.overlap_grad_reduce, overlap_param_gather=layout.overlap_param_gather,
             use_distributed_optimizer=layout.use_distributed_optimizer, grad_reduce_in_fp32=True,
@@ -202,7 +211,12 @@ class MegatronEngine:
         from nemo_upcycle.compat import megatron_engine_on_cpu
 
         n = batch["tokens"].shape[0] // micro_batch_size
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
         micro = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in batch.items()} for i in range(n)]
+        if len(self.chunks) > 1 and n % pp:  # Megatron's interleaved schedule runs groups of `pp` micro-batches
+            if not forward_only:
+                raise UpcycleError(interleaved_batch_error(n, pp))
+            micro += micro[-1:] * (pp - n % pp)  # evaluation: repeated micro-batches, their losses dropped
         if not forward_only:
             for chunk in self.chunks:
                 chunk.zero_grad_buffer()
@@ -210,10 +224,10 @@ class MegatronEngine:
         with megatron_engine_on_cpu():
             losses = get_forward_backward_func()(
                 forward_step_func=_forward_step, data_iterator=[iter(micro) for _ in self.chunks],
-                model=self.chunks, num_microbatches=n, seq_length=batch["tokens"].shape[1],
+                model=self.chunks, num_microbatches=len(micro), seq_length=batch["tokens"].shape[1],
                 micro_batch_size=micro_batch_size, forward_only=forward_only)
-        mean = torch.stack([x["lm_loss"] for x in losses]).mean() if losses else torch.zeros(())
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        mean = torch.stack([x["lm_loss"] for x in losses[:n]]).mean() if losses else torch.zeros(())
+        if pp > 1:
             dist.broadcast(mean, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
         return mean
@@ -224,32 +238,63 @@ class MegatronEngine:
             for chunk in self.chunks:
                 chunk.start_param_sync(force_sync=True)
 
-    def _check_distributed_optimizer_resumes(self) -> None:
-        """Megatron 0.16 restores the distributed optimizer's state from a checkpoint only with Apex's or TE's
-        Adam: with torch's Adam (no Apex / TE, e.g. on CPU) its state_dict asserts on the missing per-parameter
-        state, and working around that resumed 5e-3 away from the uninterrupted run in our test. Refuse."""
-        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+    def optimizer_layout(self) -> dict[str, Any]:
+        """What decides the optimizer checkpoint's keys: the distributed optimizer also stores fp32 main params, and
+        Megatron chains a second (expert) optimizer, with its own key prefix, when expert_model_parallel_size > 1."""
+        megatron = self.optimizer.megatron
+        return {"use_distributed_optimizer": self.layout.use_distributed_optimizer,
+                "optimizers": len(getattr(megatron, "chained_optimizers", [megatron]))}
 
-        if self.layout.use_distributed_optimizer and not HAVE_APEX_OR_TE:
-            raise UpcycleError("resuming use_distributed_optimizer=true needs Transformer Engine or Apex (Megatron's "
-                               "fused Adam): install one, or resume with use_distributed_optimizer=false")
+    def check_resumes_from(self, path: Path) -> None:
+        """One-line error where Megatron's loader would fail on a key: optimizer state saved in another layout."""
+        from megatron.core import dist_checkpointing
+
+        if self.optimizer is None or not self.stateful_optimizer:
+            return
+        saved = dist_checkpointing.load_common_state_dict(str(path)).get("optimizer_layout")
+        mine = self.optimizer_layout()
+        if saved is not None and saved != mine:
+            raise UpcycleError(
+                f"{path} holds optimizer state with use_distributed_optimizer={saved['use_distributed_optimizer']} in "
+                f"{saved['optimizers']} Megatron optimizer(s); this run has {mine['use_distributed_optimizer']} in "
+                f"{mine['optimizers']} (a second, expert optimizer comes with expert_model_parallel_size > 1): resume "
+                "with the same use_distributed_optimizer and expert_model_parallel_size on the same side of 1")
+
+    def load_optimizer_state(self, loaded: dict[str, Any]) -> None:
+        """The optimizer part of what dist_checkpointing.load returned for `sharded_state_dict(loading=True)`."""
+        from nemo_upcycle.compat import megatron_engine_on_cpu, torch_adam_distributed_load
+
+        with megatron_engine_on_cpu(), torch_adam_distributed_load(self.optimizer.megatron):
+            self.optimizer.megatron.load_state_dict(loaded)
 
     def sharded_state_dict(self, loading: bool = False) -> dict[str, Any]:
         """Model and optimizer, sharded by Megatron; the distributed optimizer's state in its fully reshardable form
         (per parameter, like a plain optimizer's), so a run resumes at any other TP / PP / EP / DP layout."""
+        from nemo_upcycle.compat import torch_adam_state_before_load
         from nemo_upcycle.models.megatron import sharded_state_dict_of
 
         chunks = sharded_state_dict_of([c.module for c in self.chunks], "model.")
-        model = {k: v for chunk in chunks.values() for k, v in chunk.items()}  # the optimizer finds params by id
         state = {"model": chunks}
         if loading and self.optimizer is not None and self.stateful_optimizer:
-            self._check_distributed_optimizer_resumes()
+            torch_adam_state_before_load(self.optimizer.megatron)
         if self.optimizer is not None and self.stateful_optimizer:  # plain SGD has no state (nor a loader for one)
             state["optimizer"] = self.optimizer.megatron.sharded_state_dict(
-                model, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable",
+                chunks, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable",
                                             # gathered through the gloo groups, in host memory
                                             "distrib_optim_fully_reshardable_mem_efficient": True})
+            state["optimizer_layout"] = self.optimizer_layout()  # common (not sharded): checked before a resume
         return state
+
+
+def _unbatched_p2p(chunks) -> None:
+    """The interleaved schedule's activations and gradients travel as separate sends, overlapped with compute,
+    as Megatron-LM configures it (batch_p2p_comm = not overlap_p2p_comm). Batched, with two pipeline stages (the
+    previous and the next stage are the same process) a step's forward activation and backward gradient go to one
+    peer in one batch whose sends and receives are posted in opposite orders on the two sides; gloo matches them
+    by order, so activations arrive as gradients and the run trains 3.5e-2 away from one process. Unbatched,
+    Megatron sends the two directions on two process groups."""
+    for chunk in chunks:
+        chunk.config.batch_p2p_comm, chunk.config.overlap_p2p_comm = False, True
 
 
 def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model):
@@ -349,6 +394,7 @@ class MegatronParallelStrategy(DDPStrategy):
 
         from nemo_upcycle.compat import megatron_engine_on_cpu
 
+        self.engine.check_resumes_from(self._resume_dir)
         state = self.engine.sharded_state_dict(loading=True)
         if not with_optimizer:
             state.pop("optimizer", None)
@@ -362,13 +408,8 @@ class MegatronParallelStrategy(DDPStrategy):
                           "model.", self._resume_dir)
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
-        from nemo_upcycle.compat import megatron_engine_on_cpu
-
-        if not self.engine.stateful_optimizer:
-            return
-        loaded = self._load_sharded(with_optimizer=True)
-        with megatron_engine_on_cpu():
-            self.engine.optimizer.megatron.load_state_dict(loaded["optimizer"])
+        if self.engine.stateful_optimizer:
+            self.engine.load_optimizer_state(self._load_sharded(with_optimizer=True)["optimizer"])
 
     def remove_checkpoint(self, filepath) -> None:
         super().remove_checkpoint(filepath)

@@ -96,7 +96,7 @@ def _parallel_set_up(cfg: DictConfig, trainer_args: dict[str, Any]) -> int:
         raise UpcycleError(f"tensor x pipeline x expert parallel sizes need {shards} processes: launch with "
                            f"torchrun --nproc-per-node {shards} -m nemo_upcycle.cli train ...")
     backend = default_backend() if cfg.backend == "auto" else cfg.backend
-    layout.check(world, backend)
+    layout.check(world, backend, cfg.global_batch_size, cfg.micro_batch_size)
     if backend != "megatron":
         return 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
