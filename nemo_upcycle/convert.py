@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from nemo_upcycle.checkpoint import (
-    INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, TensorInfo, check_output_format, make_writer, open_checkpoint)
+    INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, check_output_format, make_writer, open_checkpoint)
 from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path, load_yaml_mapping
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.hf import ENGINES
-from nemo_upcycle.models.keys import layer_index, stack_experts
+from nemo_upcycle.models.keys import layer_index
+from nemo_upcycle.models.manifest import TensorInfo, check_tensors, expected_shapes
 from nemo_upcycle.recipe import UpcycleConfig, moe_config, upcycle_layer_mlp
 from nemo_upcycle.recipe.calibration import directions_from_reader
 from nemo_upcycle.recipe.config import ROUTER_INITS, ROUTER_TYPES, SCALING_METHODS
@@ -33,41 +34,6 @@ from nemo_upcycle.report import human_count, markdown_table
 
 
 # ---- plan ---------------------------------------------------------------------------------------------------
-
-def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a model of this config has (canonical names, experts stacked), built on the meta device."""
-    from nemo_upcycle.models.reference import GPTModel
-
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    return {k: tuple(v.shape) for k, v in stack_experts(model.state_dict()).items()}
-
-
-def check_tensors(given: dict[str, TensorInfo], cfg: GPTConfig, where: str) -> None:
-    """One-line errors for missing or unexpected tensors and shape mismatches against the config."""
-    held = len({layer_index(k) for k in given} - {None})
-    if cfg.num_layers > held:  # checked before building the config's model, which may declare 2^31 layers
-        raise UpcycleError(f"{where} is missing tensor decoder.layers.{held}.* (the config declares {cfg.num_layers} "
-                           f"layers, the weights hold {held}): incomplete checkpoint, or a config of another model?")
-    want = expected_shapes(cfg)
-    missing = [k for k in want if k not in given]
-    if missing:
-        raise UpcycleError(f"{where} is missing tensor {missing[0]} ({len(missing)} missing): incomplete checkpoint?")
-    unexpected = [k for k in given if k not in want]
-    if unexpected:
-        raise UpcycleError(
-            f"{where} has unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected): does model_config "
-            "match the weights?"
-        )
-    for k, shape in want.items():
-        if not given[k].dtype.is_floating_point:
-            raise UpcycleError(f"tensor {k} in {where} has dtype {str(given[k].dtype).replace('torch.', '')}: only "
-                               "floating-point checkpoints can be upcycled; is the checkpoint corrupt or quantised?")
-        if given[k].shape != shape:
-            raise UpcycleError(
-                f"shape mismatch for {k} in {where}: checkpoint {given[k].shape}, config implies {shape}"
-            )
-
 
 @dataclass
 class Plan:

@@ -63,7 +63,8 @@ def upcycle_both_ways(dense_cfg, workdir: Path) -> dict:
     from nemo_upcycle.checkpoint import open_checkpoint
     from nemo_upcycle.checkpoint.nemo import NemoWriter
     from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
-    from nemo_upcycle.convert import convert, expected_shapes
+    from nemo_upcycle.convert import convert
+    from nemo_upcycle.models.manifest import expected_shapes
     from nemo_upcycle.models.keys import stack_experts
     from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
 

@@ -14,7 +14,7 @@ from nemo_upcycle.checkpoint import load_tokenizer_of, open_checkpoint
 from nemo_upcycle.convert import convert
 from nemo_upcycle.data.preprocess import preprocess
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.models.nemo_model import MegatronUpcycledGPTModel
+from nemo_upcycle.train.nemo_model import MegatronUpcycledGPTModel
 from nemo_upcycle.recipe import UpcycleConfig
 from nemo_upcycle.train.run import build_model, load_config, train
 from tests.conftest import random_model, small_config, torchrun

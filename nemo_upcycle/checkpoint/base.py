@@ -16,19 +16,7 @@ import torch
 
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = torch.tensor([], dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
+from nemo_upcycle.models.manifest import TensorInfo
 
 
 @dataclass

@@ -61,7 +61,7 @@ def _model_overrides(cfg: DictConfig) -> dict[str, Any]:
 
 def build_model(cfg: DictConfig, trainer=None):
     """The model to train: restored (optionally upcycled in memory) or new from the `model` group."""
-    from nemo_upcycle.models.nemo_model import MegatronUpcycledGPTModel, padded_vocab_size
+    from nemo_upcycle.train.nemo_model import MegatronUpcycledGPTModel, padded_vocab_size
     from nemo_upcycle.recipe import UpcycleConfig
 
     overrides = _model_overrides(cfg)

@@ -36,7 +36,7 @@ from nemo_upcycle.checkpoint.megatron import write_megatron_dist
 from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
 from nemo_upcycle.checkpoint.nemo import NEMO_PREFIX, NemoReader, NemoWriter
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
-from nemo_upcycle.convert import check_tensors
+from nemo_upcycle.models.manifest import check_tensors
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.backends import build_backend
 from nemo_upcycle.models.config import GPTConfig
@@ -48,7 +48,7 @@ from nemo_upcycle.recipe.calibration import reader_tokenizer
 if "nemo_upcycle." not in ALLOWED_TARGET_PREFIXES:  # let NeMo's restore instantiate our classes
     ALLOWED_TARGET_PREFIXES.append("nemo_upcycle.")
 
-TARGET = "nemo_upcycle.models.nemo_model.MegatronUpcycledGPTModel"
+TARGET = "nemo_upcycle.train.nemo_model.MegatronUpcycledGPTModel"
 
 
 def padded_vocab_size(vocab: int, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
