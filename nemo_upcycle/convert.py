@@ -23,7 +23,7 @@ from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path, 
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
-from nemo_upcycle.models.hf import ENGINES
+from nemo_upcycle.checkpoint.hf_keys import ENGINES
 from nemo_upcycle.models.keys import layer_index
 from nemo_upcycle.models.manifest import TensorInfo, check_tensors, expected_shapes
 from nemo_upcycle.recipe import UpcycleConfig, moe_config, upcycle_layer_mlp
@@ -165,7 +165,7 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
     `verify_text` (default: the bundled held-out sample) and `verify_threshold` (largest relative loss gap, default
     0.1%) are what the verification measures the function on and fails above.
     `hf_arch`, `max_shard_size`: the architecture and shard size of a Hugging Face output (`output_format` hf);
-    `target_engine`: refuse an hf export that engine would compute differently (models.hf.engine_problem);
+    `target_engine`: refuse an hf export that engine would compute differently (checkpoint.hf_keys.engine_problem);
     `gguf_dtype`: what a GGUF input is dequantised to."""
     from tqdm import tqdm
 

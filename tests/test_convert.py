@@ -146,7 +146,7 @@ def test_gzip_tar_and_directory_inputs(megatron, tmp_path):
 def test_hugging_face_folder_saved_by_transformers(megatron, tmp_path, spm):
     from transformers import NemotronConfig, NemotronForCausalLM
 
-    from nemo_upcycle.models.hf import nemotron_hf_config, state_dict_to_hf
+    from nemo_upcycle.checkpoint.hf_keys import nemotron_hf_config, state_dict_to_hf
 
     cfg = small_config()
     dense = random_model(cfg)

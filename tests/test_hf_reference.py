@@ -10,7 +10,7 @@ import torch
 from nemo_upcycle.checkpoint import open_checkpoint
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models import GPTModel
-from nemo_upcycle.models.hf import gpt_config_from_hf, state_dict_to_hf
+from nemo_upcycle.checkpoint.hf_keys import gpt_config_from_hf, state_dict_to_hf
 from nemo_upcycle.models.keys import unstack_experts
 from nemo_upcycle.models.reference import rope_inv_freq
 from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict

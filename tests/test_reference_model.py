@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nemo_upcycle.models import GPTModel
-from nemo_upcycle.models.hf import gpt_config_from_nemotron_hf, nemotron_hf_config, state_dict_from_hf, state_dict_to_hf
+from nemo_upcycle.checkpoint.hf_keys import gpt_config_from_nemotron_hf, nemotron_hf_config, state_dict_from_hf, state_dict_to_hf
 from nemo_upcycle.models.keys import local_to_te, stack_experts, te_to_local, unstack_experts
 from nemo_upcycle.models.reference import MoELayer, lm_loss
 from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict

@@ -93,7 +93,7 @@ def check_output_format(output_format: str, config: GPTConfig, hf_arch: str | No
     """Refuse, before any tensor is read, a model `output_format` cannot represent exactly, or that
     `target_engine` would compute differently (one-line errors)."""
     if output_format == "hf":
-        from nemo_upcycle.models.hf import MOE_ARCHS, check_hf_target, engine_problem
+        from nemo_upcycle.checkpoint.hf_keys import MOE_ARCHS, check_hf_target, engine_problem
 
         if not hf_arch:
             raise UpcycleError(f"--format hf needs --hf-arch: one of {', '.join(MOE_ARCHS)}")

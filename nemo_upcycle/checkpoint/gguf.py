@@ -25,7 +25,7 @@ import torch
 
 from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, Tokenizer, model_order
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.models import hf as hf_names
+from nemo_upcycle.checkpoint import hf_keys as hf_names
 from nemo_upcycle.models.keys import layer_index
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

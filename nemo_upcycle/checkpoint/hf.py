@@ -3,7 +3,7 @@
 Dense Llama, Mistral, Qwen2, Qwen3 and Nemotron models, and the MoE Mixtral, Qwen2-MoE and Qwen3-MoE (experts
 one tensor each as `save_pretrained` writes them, or fused as transformers 5 holds them in memory). Tensors come
 from `safetensors.safe_open` (one tensor at a time); shapes are known from the headers before anything is read.
-Names and configs are mapped to Megatron's by `nemo_upcycle.models.hf`, one literal table per family.
+Names and configs are mapped to Megatron's by `nemo_upcycle.checkpoint.hf_keys`, one literal table per family.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, Tokenizer, model_order
 from nemo_upcycle.data.tokenizers import HF_TOKENIZER_ARTIFACTS
 from nemo_upcycle.errors import UpcycleError, bad_file
-from nemo_upcycle.models import hf as hf_names
+from nemo_upcycle.checkpoint import hf_keys as hf_names
 from nemo_upcycle.models.keys import layer_index
 
 # Files a Hugging Face export carries over from its source folder (tokenizer and generation defaults).

@@ -9,7 +9,7 @@ tokenizer files.
 Every tensor's name, shape and dtype follow from the plan before anything is read, so each shard's safetensors
 header is written first and tensor bytes are appended the moment they are computed: memory stays at about one
 layer however large the shards are. What the target cannot represent exactly is refused first
-(`models.hf.check_hf_target`).
+(`hf_keys.check_hf_target`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, Fet
 from nemo_upcycle.checkpoint.hf import CARRIED_FILES, HFReader
 from nemo_upcycle.data.tokenizers import packed_hf_files
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.models import hf as hf_names
+from nemo_upcycle.checkpoint import hf_keys as hf_names
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index
 

@@ -1,5 +1,5 @@
 """Megatron-LM / Megatron-Bridge torch_dist checkpoints: read (any iteration directory) and write (with the
-matching command-line flags), and the torch_dist tensor layout shared with `.nemo` outputs.
+matching command-line flags).
 
 Layout written for Megatron-LM and Megatron-Bridge:
     OUT/latest_checkpointed_iteration.txt      "0"
@@ -19,55 +19,16 @@ from typing import Any
 import torch
 import yaml
 
-from nemo_upcycle.checkpoint.archive import TarWriter, atomic_output, load_yaml_mapping
+from nemo_upcycle.checkpoint.archive import atomic_output, load_yaml_mapping
 from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, Fetch, TensorInfo, model_order
-from nemo_upcycle.checkpoint.layout import canonical_names, dist_key, empty_extra_state, extra_state_keys
+from nemo_upcycle.checkpoint.layout import canonical_names, write_megatron_dist
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
-from nemo_upcycle.checkpoint.torch_dist import BytesItem, Chunk, DistCheckpointReader, write_dist_checkpoint
+from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
 from nemo_upcycle.errors import UpcycleError, bad_file
 from nemo_upcycle.models.config import GPTConfig
-from nemo_upcycle.models.keys import layer_index
 from nemo_upcycle.models.megatron import rope_arguments
 
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-# ---- the torch_dist layout of a whole model -------------------------------------------------------------
-
-def write_megatron_dist(path: Path | str, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
-                        prefix: str, tar: TarWriter | None = None, common: dict | None = None) -> None:
-    """Write every tensor of `tensors` (canonical names) as Megatron stores it: TE-spec keys, layers stacked
-    when homogeneous, one chunk per layer (and per expert), `_extra_state` objects where TE expects them.
-
-    Each tensor is fetched once, when its first chunk is written, and dropped after its last one."""
-    items: list[Chunk | BytesItem] = []
-    source: dict[tuple[str, tuple[int, ...]], tuple[str, int | None]] = {}  # chunk -> (name, expert)
-    for name, info in tensors.items():
-        key = dist_key(name, config, prefix)
-        layer = layer_index(name)
-        global_shape = ((config.num_layers,) if key.index else ()) + info.shape
-        experts = range(info.shape[0]) if ".mlp.experts.experts." in key.fqn else [None]
-        for e in experts:
-            index = key.index + (() if e is None else (e,))
-            offsets = index + (0,) * (len(global_shape) - len(index))
-            sizes = (1,) * len(index) + info.shape[len(index) - len(key.index):]
-            items.append(Chunk(key.fqn, global_shape, info.dtype, offsets, sizes, -1 if layer is None else layer))
-            source[(key.fqn, offsets)] = (name, e)
-    extra = empty_extra_state()
-    items += [BytesItem(fqn, extra, layer) for fqn, layer in extra_state_keys(config, prefix)]
-    items.sort(key=lambda item: item.group)  # stable: model order within each layer
-
-    current: dict[str, Any] = {"name": None, "tensor": None}
-
-    def produce(chunk: Chunk) -> torch.Tensor:
-        name, expert = source[(chunk.fqn, chunk.offsets)]
-        if current["name"] != name:
-            current["name"], current["tensor"] = name, None  # drop the previous tensor first
-            current["tensor"] = fetch(name)
-        tensor = current["tensor"] if expert is None else current["tensor"][expert]
-        return tensor.reshape(chunk.sizes)
-
-    write_dist_checkpoint(path, items, produce, common=common, tar=tar)
 
 
 # ---- model config from a Megatron checkpoint ------------------------------------------------------------

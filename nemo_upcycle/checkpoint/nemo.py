@@ -26,8 +26,8 @@ import yaml
 from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter, atomic_output, refuse_special_files
 from nemo_upcycle.checkpoint.base import (
     CheckpointReader, CheckpointWriter, Fetch, TensorInfo, Tokenizer, model_order)
-from nemo_upcycle.checkpoint.layout import canonical_names
-from nemo_upcycle.checkpoint.megatron import weights_dtype, write_megatron_dist
+from nemo_upcycle.checkpoint.layout import canonical_names, write_megatron_dist
+from nemo_upcycle.checkpoint.megatron import weights_dtype
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt, with_nemo_restore_sections
 from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
 from nemo_upcycle.errors import UpcycleError, bad_file, reason

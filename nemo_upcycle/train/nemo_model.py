@@ -32,7 +32,7 @@ from nemo.utils.get_rank import is_global_rank_zero
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_upcycle.checkpoint import CheckpointReader, Tokenizer, open_checkpoint
-from nemo_upcycle.checkpoint.megatron import write_megatron_dist
+from nemo_upcycle.checkpoint.layout import write_megatron_dist
 from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
 from nemo_upcycle.checkpoint.nemo import NEMO_PREFIX, NemoReader, NemoWriter
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
