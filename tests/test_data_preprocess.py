@@ -17,7 +17,8 @@ from nemo_upcycle.cli import build_parser, main
 from nemo_upcycle.data.corpus import stdlib_files
 from nemo_upcycle.checkpoint.nemo import NemoFiles
 from nemo_upcycle.data.preprocess import preprocess
-from nemo_upcycle.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, tokenizer_from_spec
+from nemo_upcycle.checkpoint import tokenizer_from_argument
+from nemo_upcycle.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
 from nemo_upcycle.errors import UpcycleError
 from tests.test_data_tokenizers import ARTIFACT, assert_one_line_error, train_stdlib_sentencepiece
 
@@ -148,7 +149,7 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfi
 def test_unsafe_nemo_members_are_refused(tmp_path, bad, fragment):
     nemo = unsafe_tar(tmp_path / "evil.nemo", bad)
     with pytest.raises(UpcycleError) as excinfo:
-        tokenizer_from_spec(str(nemo))
+        tokenizer_from_argument(str(nemo))
     assert_one_line_error(excinfo, fragment)
     assert not (tmp_path.parent / "x.model").exists()
 
@@ -166,7 +167,7 @@ def test_broken_nemo_files_are_one_line_errors(tmp_path, sp_model):
     for path, fragment in [(junk, "is not a readable tar archive"), (no_config, "has no model_config.yaml"),
                            (no_tokenizer, "has no tokenizer section"), (missing_artifact, f"'{ARTIFACT}' is missing")]:
         with pytest.raises(UpcycleError) as excinfo:
-            tokenizer_from_spec(str(path))
+            tokenizer_from_argument(str(path))
         assert_one_line_error(excinfo, str(path), fragment)
 
 
@@ -175,7 +176,7 @@ def test_symlinked_artifact_in_extracted_nemo_is_refused(tmp_path, sp_model):
     (folder / ARTIFACT).unlink()
     (folder / ARTIFACT).symlink_to(sp_model)
     with pytest.raises(UpcycleError) as excinfo:
-        tokenizer_from_spec(str(folder))
+        tokenizer_from_argument(str(folder))
     assert_one_line_error(excinfo, ARTIFACT, "is a link or lies outside the folder")
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from nemo_upcycle.checkpoint import tokenizer_from_argument
 from nemo_upcycle.data.corpus import stdlib_text
 from nemo_upcycle.data.tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, load_tokenizer,
-                                          tokenizer_from_spec, train_sentencepiece)
+                                          train_sentencepiece)
 from nemo_upcycle.errors import UpcycleError
 
 UNICODE = "\tunicode: héllo ✓ 日本語 🙂 \r\n  trailing  \n"
@@ -86,7 +87,7 @@ def test_load_tokenizer_resolves_nemo_artifacts(sp_model):
 def test_huggingface_folder(tmp_path):
     folder = train_hf_folder(tmp_path / "hf")
     via_config = load_tokenizer({"library": "huggingface", "type": str(folder)})
-    via_spec = tokenizer_from_spec(str(folder))
+    via_spec = tokenizer_from_argument(str(folder))
     text = stdlib_text(20_000, offset=3_000_000) + UNICODE
     for tok in (via_config, via_spec):
         assert isinstance(tok, HFTokenizer)
@@ -97,9 +98,9 @@ def test_huggingface_folder(tmp_path):
     assert len(via_config.unique_identifiers["sha256"]) == 64
 
 
-def test_tokenizer_from_spec_kinds(sp_model):
-    assert isinstance(tokenizer_from_spec("byte"), ByteTokenizer)
-    assert isinstance(tokenizer_from_spec(str(sp_model)), SentencePieceTokenizer)
+def test_tokenizer_from_argument_kinds(sp_model):
+    assert isinstance(tokenizer_from_argument("byte"), ByteTokenizer)
+    assert isinstance(tokenizer_from_argument(str(sp_model)), SentencePieceTokenizer)
 
 
 @pytest.mark.parametrize("cfg, fragments", [
@@ -124,7 +125,7 @@ def test_bad_tokenizer_files_are_one_line_errors(tmp_path):
                             (str(tmp_path / "empty"), ["holds no Hugging Face tokenizer files"]),
                             (str(tmp_path / "junk.model"), ["is not a SentencePiece model"])]:
         with pytest.raises(UpcycleError) as excinfo:
-            tokenizer_from_spec(spec)
+            tokenizer_from_argument(spec)
         assert_one_line_error(excinfo, *fragments)
     with pytest.raises(UpcycleError) as excinfo:
         train_sentencepiece(["x"], vocab_size=100, model_prefix=tmp_path / "tiny")

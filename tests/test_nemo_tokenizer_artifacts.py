@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nemo_upcycle.checkpoint import load_tokenizer_of
+from nemo_upcycle.checkpoint import load_tokenizer_of, tokenizer_from_argument
 from nemo_upcycle.cli import main
 from nemo_upcycle.convert import convert
 from nemo_upcycle.data.preprocess import preprocess
-from nemo_upcycle.data.tokenizers import tokenizer_from_spec
 from nemo_upcycle.recipe import UpcycleConfig
 from tests.hf_fixtures import save_dense, save_tokenizer
 
@@ -77,7 +76,7 @@ def test_moved_source_trains(converted, megatron, tmp_path):
 
     root, _, _, _ = converted
     docs = sorted(MMLU.rglob("*.csv"))  # a document each
-    preprocess(docs, tmp_path / "data" / "mmlu", tokenizer_from_spec(str(root / "moe.nemo")), progress=False)
+    preprocess(docs, tmp_path / "data" / "mmlu", tokenizer_from_argument(str(root / "moe.nemo")), progress=False)
     data = tmp_path / "data" / "mmlu_text_document"
     result = train(load_config([f"restore_from={root / 'moe.nemo'}", f"data.data_prefix=[{data}]",
                                 f"exp_manager.exp_dir={tmp_path / 'exp'}", "trainer.enable_progress_bar=false",

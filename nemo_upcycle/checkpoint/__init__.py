@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, TensorInfo, Tokenizer
+from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, TensorInfo
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.data.tokenizers import TOKENIZER_ARGUMENT_HELP, Tokenizer, TokenizerSpec
 from nemo_upcycle.models.config import GPTConfig
 
 INPUT_FORMATS = ("auto", "nemo", "megatron", "hf", "gguf")
@@ -115,12 +116,10 @@ def check_output_format(output_format: str, config: GPTConfig, hf_arch: str | No
             megatron_args(config)
 
 
-def load_tokenizer_of(source: CheckpointReader | Tokenizer | Path | str):
-    """The tokenizer of a checkpoint (a reader, its Tokenizer spec, or a .nemo path: only its config and
+def load_tokenizer_of(source: CheckpointReader | TokenizerSpec | Path | str) -> Tokenizer:
+    """The tokenizer of a checkpoint (a reader, its TokenizerSpec, or a .nemo path: only its config and
     tokenizer artifacts are read). Artifacts are loaded into memory; nothing stays on disk."""
-    import tempfile
-
-    from nemo_upcycle.data.tokenizers import load_tokenizer
+    from nemo_upcycle.data.tokenizers import load_tokenizer_spec
 
     where = "the checkpoint"
     if isinstance(source, (str, Path)):
@@ -130,14 +129,31 @@ def load_tokenizer_of(source: CheckpointReader | Tokenizer | Path | str):
         files.close()
         spec, where = files.tokenizer, str(source)
     else:
-        spec = source if isinstance(source, Tokenizer) else source.tokenizer
+        spec = source if isinstance(source, TokenizerSpec) else source.tokenizer
     if spec is None:
         raise UpcycleError(f"{where} has no tokenizer section in its model_config.yaml: pass a tokenizer explicitly "
                            "(a SentencePiece .model, a Hugging Face tokenizer folder, or 'byte')")
-    with tempfile.TemporaryDirectory(prefix="nemo-upcycle-tok-") as tmp:
-        for name, data in spec.artifacts.items():
-            (Path(tmp) / name).write_bytes(data)
-        return load_tokenizer(spec.config, resolve=lambda name: Path(tmp) / name)
+    return load_tokenizer_spec(spec)
+
+
+def tokenizer_from_argument(argument: str) -> Tokenizer:
+    """The tokenizer a `--tokenizer` argument names: 'byte', a .nemo file or extracted .nemo folder (the
+    tokenizer in its model_config.yaml), a SentencePiece .model file, or a Hugging Face tokenizer folder."""
+    import tarfile
+
+    from nemo_upcycle.data.tokenizers import ByteTokenizer, HFTokenizer, SentencePieceTokenizer
+
+    if argument == "byte":
+        return ByteTokenizer()
+    path = Path(argument).expanduser()
+    if not path.exists():
+        raise UpcycleError(f"tokenizer {argument} does not exist; pass {TOKENIZER_ARGUMENT_HELP}")
+    if (path / "model_config.yaml").is_file() or (path.is_file() and (path.suffix == ".nemo" or
+                                                                      tarfile.is_tarfile(path))):
+        return load_tokenizer_of(path)  # reads only model_config.yaml and the tokenizer artifacts
+    if path.is_dir():
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)
 
 
 def load_model(path: Path | str, input_format: str = "auto", model_config: dict[str, Any] | None = None):
@@ -157,5 +173,5 @@ def load_model(path: Path | str, input_format: str = "auto", model_config: dict[
     return model.eval(), tokenizer
 
 
-__all__ = ["CheckpointReader", "CheckpointWriter", "TensorInfo", "Tokenizer", "open_checkpoint", "make_writer",
-           "check_output_format", "detect_format", "load_model", "load_tokenizer_of"]
+__all__ = ["CheckpointReader", "CheckpointWriter", "TensorInfo", "open_checkpoint", "make_writer",
+           "check_output_format", "detect_format", "load_model", "load_tokenizer_of", "tokenizer_from_argument"]

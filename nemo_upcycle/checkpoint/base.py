@@ -8,23 +8,15 @@ see checkpoint/layout.py) and read only what is asked for. Writers are sinks tha
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from nemo_upcycle.data.tokenizers import TokenizerSpec
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index
 from nemo_upcycle.models.manifest import TensorInfo
-
-
-@dataclass
-class Tokenizer:
-    """A tokenizer as a NeMo config section (`model: nemo:<name>` references) and the artifact files it names."""
-
-    config: dict[str, Any]
-    artifacts: dict[str, bytes] = field(default_factory=dict)  # artifact file name -> content
 
 
 class CheckpointReader(ABC):
@@ -32,7 +24,7 @@ class CheckpointReader(ABC):
 
     config: GPTConfig
     source_config: dict[str, Any]  # the format's own model config, passed through to outputs where it fits
-    tokenizer: Tokenizer | None = None
+    tokenizer: TokenizerSpec | None = None
 
     @abstractmethod
     def tensors(self) -> dict[str, TensorInfo]:

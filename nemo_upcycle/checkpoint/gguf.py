@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, Tokenizer, model_order
-from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.checkpoint import hf_keys as hf_names
+from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, model_order
+from nemo_upcycle.data.tokenizers import TokenizerSpec
+from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.keys import layer_index
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -208,7 +209,7 @@ class GGUFReader(CheckpointReader):
         return {n: out[n] for n in names}
 
     # ---- tokenizer --------------------------------------------------------------------------------------
-    def _read_tokenizer(self) -> tuple[Tokenizer | None, dict[str, Path]]:
+    def _read_tokenizer(self) -> tuple[TokenizerSpec | None, dict[str, Path]]:
         """transformers' tokenizer for this GGUF file, saved as a Hugging Face folder that lives until close()."""
         from transformers import AutoTokenizer
 

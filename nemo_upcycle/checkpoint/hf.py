@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import torch
 
-from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, Tokenizer, model_order
-from nemo_upcycle.data.tokenizers import HF_TOKENIZER_ARTIFACTS
-from nemo_upcycle.errors import UpcycleError, bad_file
 from nemo_upcycle.checkpoint import hf_keys as hf_names
+from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, model_order
+from nemo_upcycle.data.tokenizers import HF_TOKENIZER_ARTIFACTS, TokenizerSpec
+from nemo_upcycle.errors import UpcycleError, bad_file
 from nemo_upcycle.models.keys import layer_index
 
 # Files a Hugging Face export carries over from its source folder (tokenizer and generation defaults).
@@ -29,7 +29,7 @@ CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def packed_hf_tokenizer(folder: Path, name: str | None = None) -> Tokenizer:
+def packed_hf_tokenizer(folder: Path, name: str | None = None) -> TokenizerSpec:
     """A Hugging Face tokenizer folder as a NeMo tokenizer whose files travel as `nemo:` artifacts, so the
     output never needs `folder` again (`name`: the tokenizer's `type`, default the folder's name)."""
     config: dict[str, Any] = {"library": "huggingface", "type": name or folder.name, "use_fast": True}
@@ -38,7 +38,7 @@ def packed_hf_tokenizer(folder: Path, name: str | None = None) -> Tokenizer:
         if (folder / filename).is_file():
             artifact = f"{uuid.uuid4().hex}_{filename}"
             config[key], artifacts[artifact] = f"nemo:{artifact}", (folder / filename).read_bytes()
-    return Tokenizer(config, artifacts)
+    return TokenizerSpec(config, artifacts)
 
 
 class HFReader(CheckpointReader):
@@ -170,11 +170,11 @@ class HFReader(CheckpointReader):
             )
         return model_order(infos)
 
-    def _read_tokenizer(self) -> Tokenizer | None:
+    def _read_tokenizer(self) -> TokenizerSpec | None:
         spm = self.path / "tokenizer.model"
         if spm.is_file():
             name = f"{uuid.uuid4().hex}_tokenizer.model"
-            return Tokenizer({"library": "sentencepiece", "type": None, "model": f"nemo:{name}",
+            return TokenizerSpec({"library": "sentencepiece", "type": None, "model": f"nemo:{name}",
                               "vocab_file": None, "merge_file": None, "delimiter": None,
                               "sentencepiece_legacy": False}, {name: spm.read_bytes()})
         if (self.path / "tokenizer.json").is_file():

@@ -25,11 +25,12 @@ import yaml
 
 from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter, atomic_output, refuse_special_files
 from nemo_upcycle.checkpoint.base import (
-    CheckpointReader, CheckpointWriter, Fetch, TensorInfo, Tokenizer, model_order)
+    CheckpointReader, CheckpointWriter, Fetch, TensorInfo, model_order)
 from nemo_upcycle.checkpoint.layout import canonical_names, write_megatron_dist
 from nemo_upcycle.checkpoint.megatron import weights_dtype
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt, with_nemo_restore_sections
 from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
+from nemo_upcycle.data.tokenizers import TokenizerSpec
 from nemo_upcycle.errors import UpcycleError, bad_file, reason
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index, te_to_local_key
@@ -85,7 +86,7 @@ class NemoFiles:
             raise UpcycleError(f"model_config.yaml in {self.path} is not a mapping")
         return cfg
 
-    def _read_tokenizer(self) -> Tokenizer | None:
+    def _read_tokenizer(self) -> TokenizerSpec | None:
         cfg = self.config.get("tokenizer")
         if not isinstance(cfg, dict):
             return None
@@ -94,7 +95,7 @@ class NemoFiles:
             if isinstance(value, str) and value.startswith("nemo:"):
                 name = value[len("nemo:"):]
                 artifacts[name] = self.read_bytes(name)
-        return Tokenizer(config=dict(cfg), artifacts=artifacts)
+        return TokenizerSpec(config=dict(cfg), artifacts=artifacts)
 
     def close(self) -> None:
         if self.archive is not None:

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nemo_upcycle.data.tokenizers import TOKENIZER_SPEC_HELP, Tokenizer
+from nemo_upcycle.data.tokenizers import TOKENIZER_ARGUMENT_HELP, Tokenizer
 from nemo_upcycle.errors import UpcycleError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -277,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
                         help="output path prefix: writes PREFIX_<key>_document.bin and .idx per json key "
                              "(folders are created)")
-    parser.add_argument("--tokenizer", required=True, metavar="SPEC", help=f"the tokenizer: {TOKENIZER_SPEC_HELP}")
+    parser.add_argument("--tokenizer", required=True, metavar="SPEC", help=f"the tokenizer: {TOKENIZER_ARGUMENT_HELP}")
     parser.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
                         help="fields of each jsonl line to tokenize, one output dataset per key (default: text); "
                              "plain text inputs only have text")
@@ -296,13 +296,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nemo_upcycle.checkpoint import tokenizer_from_argument
     from nemo_upcycle.data.corpus import stdlib_root
-    from nemo_upcycle.data.tokenizers import tokenizer_from_spec
 
     inputs = args.input + ([stdlib_root()] if args.stdlib else [])
     if not inputs:
         raise UpcycleError("nothing to preprocess; pass --input PATH (files or folders) or --stdlib")
-    tokenizer = tokenizer_from_spec(args.tokenizer)
+    tokenizer = tokenizer_from_argument(args.tokenizer)
     stats = preprocess(inputs, args.output_prefix, tokenizer, json_keys=args.json_keys,
                        append_eod=args.append_eod, workers=args.workers, globs=args.glob,
                        exclude_dirs=args.exclude_dir, overwrite=args.overwrite)

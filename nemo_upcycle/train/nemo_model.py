@@ -31,16 +31,17 @@ from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
 from nemo.utils.get_rank import is_global_rank_zero
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_upcycle.checkpoint import CheckpointReader, Tokenizer, open_checkpoint
+from nemo_upcycle.checkpoint import CheckpointReader, open_checkpoint
 from nemo_upcycle.checkpoint.layout import write_megatron_dist
 from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
 from nemo_upcycle.checkpoint.nemo import NEMO_PREFIX, NemoReader, NemoWriter
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
-from nemo_upcycle.models.manifest import check_tensors
+from nemo_upcycle.data.tokenizers import TokenizerSpec
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.backends import build_backend
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import stack_experts
+from nemo_upcycle.models.manifest import check_tensors
 from nemo_upcycle.models.reference import lm_loss
 from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
 from nemo_upcycle.recipe.calibration import reader_tokenizer
@@ -122,7 +123,7 @@ def with_overrides(conf: DictConfig, override: DictConfig) -> DictConfig:
     return OmegaConf.merge(conf, override)
 
 
-def model_config_for(gpt: GPTConfig, base: dict[str, Any] | None, tokenizer: Tokenizer | None) -> DictConfig:
+def model_config_for(gpt: GPTConfig, base: dict[str, Any] | None, tokenizer: TokenizerSpec | None) -> DictConfig:
     """The ModelPT config of a checkpoint: NeMo's model_config fields + vocab_size + our target."""
     cfg = nemo_config_from_gpt(gpt, base)
     cfg["vocab_size"] = gpt.vocab_size
@@ -138,7 +139,7 @@ class MegatronUpcycledGPTModel(ModelPT):
         self._save_restore_connector = UpcycleSaveRestoreConnector()
         self.gpt_config = gpt_config_from_nemo(OmegaConf.to_container(cfg, resolve=True), self._vocab_size(cfg))
         self.backend = build_backend(self.gpt_config, cfg.get("backend", "auto"))
-        self.tokenizer_spec: Tokenizer | None = None  # the tokenizer config + artifact bytes saved with the model
+        self.tokenizer_spec: TokenizerSpec | None = None  # the tokenizer config + artifact bytes saved with the model
         self._tokenizer = None
         self._last_step_end: float | None = None
         self.engine = None  # Megatron's DDP + optimizer + schedules, set by MegatronParallelStrategy
@@ -206,7 +207,7 @@ class MegatronUpcycledGPTModel(ModelPT):
         return InMemoryCheckpoint(self.gpt_config, self.backend.canonical_state_dict(), cfg,
                                   self._packaged_tokenizer())
 
-    def _packaged_tokenizer(self) -> Tokenizer | None:
+    def _packaged_tokenizer(self) -> TokenizerSpec | None:
         """The tokenizer as .nemo artifacts: local file paths in the config become `nemo:<hex>_<name>`."""
         if self.tokenizer_spec is not None:
             return self.tokenizer_spec
@@ -219,7 +220,7 @@ class MegatronUpcycledGPTModel(ModelPT):
                 name = f"{uuid.uuid4().hex}_{Path(value).name}"
                 artifacts[name] = Path(value).read_bytes()
                 config[key] = f"nemo:{name}"
-        self.tokenizer_spec = Tokenizer(config, artifacts)
+        self.tokenizer_spec = TokenizerSpec(config, artifacts)
         return self.tokenizer_spec
 
     @property
