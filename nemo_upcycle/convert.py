@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from nemo_upcycle.checkpoint import (
-    INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, check_output_format, make_writer, open_checkpoint)
+from nemo_upcycle.checkpoint import INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, make_writer, open_checkpoint
 from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path, load_yaml_mapping
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.errors import UpcycleError
@@ -175,13 +174,13 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
     check_output_path(output_path, overwrite)
     with open_checkpoint(input_path, input_format, model_config, gguf_dtype) as reader:
         plan = plan_conversion(reader, recipe, str(input_path))
-        check_output_format(output_format, plan.moe, hf_arch, target_engine)
-        writer = make_writer(output_format, output_path, overwrite, pack, hf_arch, max_shard_size)
+        writer = make_writer(output_format, output_path, overwrite, pack, hf_arch, max_shard_size, target_engine)
+        writer.check(plan.moe)
         check_free_disk(output_path, plan.bytes_out + writer.overhead_bytes(plan.outputs))
         directions = directions_from_reader(reader, recipe) if recipe is not None else None
         bar = tqdm(total=plan.dense.num_layers, unit="layer", desc="upcycling", disable=not progress)
         stream = LayerStream(reader, plan, bar, directions)
-        writer.write(plan.moe, plan.outputs, stream.fetch, reader)
+        writer.write(plan.moe, plan.outputs, stream.fetch, reader.meta())
         bar.close()
         seconds = time.perf_counter() - start
         summary = Summary(plan, seconds, peak_rss_bytes(), output_path)
@@ -397,7 +396,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         with open_checkpoint(args.input, args.input_format, model_config, getattr(torch, args.gguf_dtype)) as reader:
             plan = plan_conversion(reader, recipe, str(args.input))
-            check_output_format(args.output_format, plan.moe, args.hf_arch, args.target_engine)
+            make_writer(args.output_format, args.output, args.overwrite, args.pack, args.hf_arch, args.max_shard_size,
+                        args.target_engine).check(plan.moe)
         rows = [[n, "x".join(map(str, t.shape)), str(t.dtype).replace("torch.", ""), f"{t.nbytes / 1e6:.2f}"]
                 for n, t in plan.outputs.items()]
         print(markdown_table(["tensor", "shape", "dtype", "MB"], rows))

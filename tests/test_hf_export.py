@@ -189,7 +189,7 @@ def test_bytes_reach_disk_as_each_layer_is_computed(dense, tmp_path):
                 on_disk["bytes"] = sum(f.stat().st_size for f in tmp_path.rglob("*.safetensors"))
             return stream.fetch(name)
 
-        writer.write(plan.moe, plan.outputs, fetch, reader)
+        writer.write(plan.moe, plan.outputs, fetch, reader.meta())
         planned = writer.hf_tensors(plan.moe, plan.outputs)
     before = sum(t.nbytes for n, t in planned.items() if n.startswith(("model.embed_tokens", "model.layers.0.")))
     layer1 = sum(t.nbytes for n, t in planned.items() if n.startswith("model.layers.1."))

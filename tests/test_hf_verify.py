@@ -67,7 +67,7 @@ def _write_tampered(dense, out, recipe, output_format, tamper):
     with open_checkpoint(dense) as reader:
         plan = plan_conversion(reader, recipe)
         stream = LayerStream(reader, plan)
-        make_writer(output_format, out).write(plan.moe, plan.outputs, lambda n: tamper(n, stream.fetch(n)), reader)
+        make_writer(output_format, out).write(plan.moe, plan.outputs, lambda n: tamper(n, stream.fetch(n)), reader.meta())
 
 
 @pytest.mark.parametrize("layers", [None, (1,)])  # torch_dist stacked layers, and per-layer keys

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from nemo_upcycle.checkpoint import hf_keys as hf_names
-from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, model_order
+from nemo_upcycle.checkpoint.base import CheckpointReader, ReadOptions, TensorInfo, model_order
 from nemo_upcycle.data.tokenizers import TokenizerSpec
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.keys import layer_index
@@ -78,6 +78,16 @@ def unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class GGUFReader(CheckpointReader):
+    name = "gguf"
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() == ".gguf"
+
+    @classmethod
+    def open(cls, path: Path, options: ReadOptions) -> "GGUFReader":
+        return cls(path, options.gguf_dtype)
+
     def __init__(self, path: Path | str, dtype: torch.dtype = torch.bfloat16):
         try:
             import gguf

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 
 from nemo_upcycle.checkpoint import hf_keys as hf_names
-from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, model_order
+from nemo_upcycle.checkpoint.base import CheckpointReader, SourceMeta, TensorInfo, model_order
+from nemo_upcycle.checkpoint.megatron import is_megatron_dir
 from nemo_upcycle.data.tokenizers import HF_TOKENIZER_ARTIFACTS, TokenizerSpec
 from nemo_upcycle.errors import UpcycleError, bad_file
 from nemo_upcycle.models.keys import layer_index
@@ -42,6 +43,17 @@ def packed_hf_tokenizer(folder: Path, name: str | None = None) -> TokenizerSpec:
 
 
 class HFReader(CheckpointReader):
+    name = "hf"
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        """A folder with a config.json that is neither a Megatron nor an extracted .nemo directory."""
+        return (path.is_dir() and (path / "config.json").is_file() and not is_megatron_dir(path)
+                and not (path / "model_config.yaml").is_file())
+
+    def meta(self) -> SourceMeta:
+        return SourceMeta(self.name, self.source_config, self.tokenizer, dict(self.carried_files))
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
         config_file = self.path / "config.json"

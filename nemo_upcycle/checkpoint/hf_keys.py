@@ -500,15 +500,16 @@ def engine_problem(cfg: GPTConfig, arch: str, engine: str) -> str | None:
     return None
 
 
-def check_hf_target(cfg: GPTConfig, arch: str) -> None:
+def hf_arch_problem(cfg: GPTConfig, arch: str) -> str | None:
     """One-line refusal, naming the targets that would work, when `arch` cannot represent `cfg` exactly."""
     if arch not in MOE_ARCHS:
-        raise UpcycleError(f"unknown --hf-arch '{arch}': use one of {', '.join(MOE_ARCHS)}")
+        return f"unknown --hf-arch '{arch}': use one of {', '.join(MOE_ARCHS)}"
     problem = hf_target_problem(cfg, arch)
     if problem:
         ok = [a for a in MOE_ARCHS if hf_target_problem(cfg, a) is None]
         fix = f"use --hf-arch {' or '.join(ok)}" if ok else "no Hugging Face MoE target can; write .nemo or megatron"
-        raise UpcycleError(f"--hf-arch {arch} cannot represent this model exactly: {problem}; {fix}")
+        return f"--hf-arch {arch} cannot represent this model exactly: {problem}; {fix}"
+    return None
 
 
 def _rope_to_hf(cfg: GPTConfig) -> dict[str, Any]:
@@ -539,7 +540,9 @@ def hf_moe_config(cfg: GPTConfig, arch: str) -> dict[str, Any]:
     norm_topk_prob true or Mixtral (softmax, top-k, renormalise = softmax over the top-k logits); the weight
     scaling already lives in the expert weights. Dense layers are listed in mlp_only_layers.
     """
-    check_hf_target(cfg, arch)
+    problem = hf_arch_problem(cfg, arch)
+    if problem:
+        raise UpcycleError(problem)
     dense_layers = [i for i, moe in enumerate(cfg.moe_layer_pattern()) if not moe]
     out: dict[str, Any] = {
         "architectures": [FAMILIES[arch].architecture],

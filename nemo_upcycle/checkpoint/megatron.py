@@ -20,7 +20,8 @@ import torch
 import yaml
 
 from nemo_upcycle.checkpoint.archive import atomic_output, load_yaml_mapping
-from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, Fetch, TensorInfo, model_order
+from nemo_upcycle.checkpoint.base import (
+    CheckpointReader, CheckpointWriter, Fetch, ReadOptions, SourceMeta, TensorInfo, model_order, refusal)
 from nemo_upcycle.checkpoint.layout import canonical_names, write_megatron_dist
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
 from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
@@ -134,8 +135,22 @@ def resolve_iteration_dir(path: Path) -> Path:
     raise UpcycleError(f"{path} is not a Megatron torch_dist checkpoint (no .metadata, {TRACKER} or iter_*/)")
 
 
+def is_megatron_dir(path: Path) -> bool:
+    """A torch_dist directory, or a Megatron save folder (tracker file or iter_*/); .nemo directories have
+    neither at their top, but a folder this project writes also holds a model_config.yaml."""
+    markers = (".metadata", TRACKER)
+    return path.is_dir() and (any((path / m).is_file() for m in markers) or any(path.glob("iter_*")))
+
+
 class MegatronReader(CheckpointReader):
     """A Megatron-LM or Megatron-Bridge torch_dist checkpoint (keys without a prefix, or NeMo's `model.`)."""
+
+    name = "megatron"
+    detect = staticmethod(is_megatron_dir)
+
+    @classmethod
+    def open(cls, path: Path, options: ReadOptions) -> "MegatronReader":
+        return cls(path, options.model_config)
 
     def __init__(self, path: Path | str, model_config: dict[str, Any] | None = None):
         self.path = resolve_iteration_dir(Path(path))
@@ -312,11 +327,15 @@ def weights_dtype(tensors: dict[str, TensorInfo]) -> torch.dtype:
 
 
 class MegatronWriter(CheckpointWriter):
+    name = "megatron"
+
+    def problem(self, config: GPTConfig) -> str | None:
+        return refusal(lambda: (nemo_config_from_gpt(config), megatron_args(config)))
+
     def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:
         return 1 << 20
 
-    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
-              source: CheckpointReader) -> None:
+    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch, source: SourceMeta) -> None:
         flags = megatron_args(config)
         with atomic_output(self.path, self.overwrite) as out:
             out.mkdir(parents=True)

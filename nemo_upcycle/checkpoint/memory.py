@@ -13,6 +13,8 @@ from nemo_upcycle.models.config import GPTConfig
 
 
 class InMemoryCheckpoint(CheckpointReader):
+    name = "memory"
+
     def __init__(self, config: GPTConfig, state: dict[str, torch.Tensor], source_config: dict[str, Any] | None = None,
                  tokenizer: TokenizerSpec | None = None):
         self.config, self.source_config, self.tokenizer = config, dict(source_config or {}), tokenizer

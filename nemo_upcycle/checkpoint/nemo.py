@@ -25,10 +25,11 @@ import yaml
 
 from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter, atomic_output, refuse_special_files
 from nemo_upcycle.checkpoint.base import (
-    CheckpointReader, CheckpointWriter, Fetch, TensorInfo, model_order)
+    CheckpointReader, CheckpointWriter, Fetch, SourceMeta, TensorInfo, WriteOptions, model_order, refusal)
 from nemo_upcycle.checkpoint.layout import canonical_names, write_megatron_dist
-from nemo_upcycle.checkpoint.megatron import weights_dtype
-from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt, with_nemo_restore_sections
+from nemo_upcycle.checkpoint.megatron import is_megatron_dir, weights_dtype
+from nemo_upcycle.checkpoint.nemo_config import (
+    gpt_config_from_nemo, nemo_config_from_gpt, nemo_problem, with_nemo_restore_sections)
 from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
 from nemo_upcycle.data.tokenizers import TokenizerSpec
 from nemo_upcycle.errors import UpcycleError, bad_file, reason
@@ -103,6 +104,15 @@ class NemoFiles:
 
 
 class NemoReader(CheckpointReader):
+    name = "nemo"
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        """A .nemo tar is any file but a GGUF one; a directory, an extracted .nemo with its model_config.yaml."""
+        if path.is_file():
+            return path.suffix.lower() != ".gguf"
+        return (path / "model_config.yaml").is_file() and not is_megatron_dir(path)
+
     def __init__(self, path: Path | str):
         self.files = NemoFiles(path)
         self.path, self.archive = self.files.path, self.files.archive
@@ -282,16 +292,26 @@ def _merge_tp(name: str, parts: list[torch.Tensor], gated: bool) -> torch.Tensor
 class NemoWriter(CheckpointWriter):
     """Writes a `.nemo`: packed tar (default) or directory."""
 
+    name = "nemo"
+
     def __init__(self, path: Path, overwrite: bool = False, pack: bool = True):
         super().__init__(path, overwrite)
         self.pack = pack
 
+    @classmethod
+    def create(cls, path: Path, options: WriteOptions) -> "NemoWriter":
+        writer = super().create(path, options)
+        writer.pack = options.pack
+        return writer
+
+    def problem(self, config: GPTConfig) -> str | None:
+        return refusal(lambda: nemo_config_from_gpt(config)) or nemo_problem(config)
+
     def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:
         return 1 << 20
 
-    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
-              source: CheckpointReader) -> None:
-        model_cfg = nemo_config_from_gpt(config, base=source.source_config if isinstance(source, NemoReader) else None)
+    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch, source: SourceMeta) -> None:
+        model_cfg = nemo_config_from_gpt(config, base=source.config if source.format == self.name else None)
         tokenizer = source.tokenizer
         if tokenizer is not None:
             model_cfg["tokenizer"] = tokenizer.config

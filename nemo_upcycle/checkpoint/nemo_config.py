@@ -169,11 +169,10 @@ def with_nemo_restore_sections(cfg: dict[str, Any], dtype: torch.dtype | None = 
     return out
 
 
-def check_nemo_expressible(gpt: GPTConfig) -> None:
+def nemo_problem(gpt: GPTConfig) -> str | None:
     """What NeMo 1.x itself cannot hold beyond Megatron's limits: it applies Llama 3.1 RoPE scaling with its
     factor fixed at 8 (`scale_positional_embedding`)."""
     if gpt.rope_scaling_type == "llama3" and gpt.rope_scaling_factor != 8.0:
-        raise UpcycleError(
-            f"NeMo 1.x applies llama3 RoPE scaling with factor 8 only, this model has {gpt.rope_scaling_factor:g}: "
-            "write --format megatron or --format hf instead"
-        )
+        return (f"NeMo 1.x applies llama3 RoPE scaling with factor 8 only, this model has "
+                f"{gpt.rope_scaling_factor:g}: write --format megatron or --format hf instead")
+    return None

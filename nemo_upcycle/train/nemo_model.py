@@ -71,7 +71,7 @@ class UpcycleSaveRestoreConnector(SaveRestoreConnector):
 
     def _write(self, weights: CheckpointReader, meta: CheckpointReader, save_path: str) -> None:
         writer = NemoWriter(Path(save_path), overwrite=True, pack=self.pack_nemo_file)
-        writer.write(weights.config, weights.tensors(), lambda name: weights.read([name])[name], meta)
+        writer.write(weights.config, weights.tensors(), lambda name: weights.read([name])[name], meta.meta())
 
     def _save_model_parallel(self, model: "MegatronUpcycledGPTModel", save_path: str) -> None:
         """Every rank saves its shards with Megatron's saver; rank 0 streams them into the .nemo layer by layer."""
