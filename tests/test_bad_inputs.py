@@ -254,7 +254,7 @@ def test_fuzz_sample(seeds, tmp_path):
 def test_any_recipe_options_build_a_recipe_or_a_one_line_error(recipe, numbers, layers, weight_scaling):
     """Whatever numbers and text the recipe options get, the recipe is built or refused with an UpcycleError."""
     from nemo_upcycle.cli import build_parser
-    from nemo_upcycle.convert import recipe_from_args
+    from nemo_upcycle.cli.convert import recipe_from_args
     from nemo_upcycle.errors import UpcycleError
 
     argv = ["convert", "in", "out"]

@@ -64,7 +64,7 @@ def test_missing_data_fails_before_any_model_is_loaded(capsys):
 
 
 def test_help_does_not_import_lm_eval():
-    code = "import sys, nemo_upcycle.eval.cli; print(sorted({'lm_eval', 'datasets'} & set(sys.modules)))"
+    code = "import sys, nemo_upcycle.cli.eval; print(sorted({'lm_eval', 'datasets'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
 

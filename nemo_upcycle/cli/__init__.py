@@ -1,4 +1,5 @@
-"""`nemo-upcycle <command>`: argument parsing only; each command lives in its own module and does the work.
+"""`nemo-upcycle <command>`: all argument parsing, one module per command (cli/<command>.py: its --help text,
+add_arguments and run), which calls the library to do the work (demo.py still parses its own arguments).
 
 Bad input (`UpcycleError`) is printed as one line, `error: ...`, with exit status 2 and no traceback.
 """
@@ -14,11 +15,11 @@ from nemo_upcycle.errors import UpcycleError
 
 # command -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
-    "convert": ("nemo_upcycle.convert", "upcycle a dense .nemo / Megatron / Hugging Face checkpoint into an MoE one"),
-    "train": ("nemo_upcycle.train.run", "continue training a .nemo (dense or upcycled) with Lightning on Megatron data"),
+    "convert": ("nemo_upcycle.cli.convert", "upcycle a dense .nemo / Megatron / Hugging Face checkpoint into an MoE one"),
+    "train": ("nemo_upcycle.cli.train", "continue training a .nemo (dense or upcycled) with Lightning on Megatron data"),
     "demo": ("nemo_upcycle.demo", "upcycle a small dense Nemotron to E8G1T2 and E8G8T8 and check step-0 equivalence"),
-    "preprocess": ("nemo_upcycle.data.preprocess", "tokenize jsonl, text files or folders into Megatron .bin/.idx datasets"),
-    "eval": ("nemo_upcycle.eval.cli", "evaluate checkpoints on MMLU (or other lm-eval tasks) offline, side by side"),
+    "preprocess": ("nemo_upcycle.cli.preprocess", "tokenize jsonl, text files or folders into Megatron .bin/.idx datasets"),
+    "eval": ("nemo_upcycle.cli.eval", "evaluate checkpoints on MMLU (or other lm-eval tasks) offline, side by side"),
 }
 
 
@@ -48,7 +49,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
