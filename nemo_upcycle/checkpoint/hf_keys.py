@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from nemo_upcycle.activations import activation_name, activation_spellings
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import ROPE_SCALING_TYPES, GPTConfig
 from nemo_upcycle.models.keys import stack_experts, unstack_experts
@@ -314,7 +315,6 @@ def gpt_config_from_nemotron_hf(hf: dict[str, Any]) -> GPTConfig:
     )
 
 
-_GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "relu": "reglu"}
 _DEFAULT_THETA = {"mixtral": 1e6}  # what transformers assumes when an old config.json has no rope_theta
 
 
@@ -327,9 +327,9 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     if model_type not in FAMILIES:
         raise UpcycleError(f"unsupported Hugging Face model_type '{model_type}': supported are {', '.join(FAMILIES)}")
     act = hf.get("hidden_act", "silu")
-    if act not in _GATED_ACTIVATIONS:
+    if activation_name(act, gated=True) is None:
         raise UpcycleError(f"unsupported hidden_act '{act}' in the {model_type} config.json: supported are "
-                           f"{', '.join(_GATED_ACTIVATIONS)}")
+                           f"{', '.join(activation_spellings(gated=True))}")
     _check_sliding_window(hf, model_type)
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim")
@@ -342,7 +342,7 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         kv_channels=head_dim if head_dim and head_dim * heads != hidden else None,
         vocab_size=hf["vocab_size"],
         seq_length=hf.get("max_position_embeddings", 4096),
-        activation=_GATED_ACTIVATIONS[act],
+        activation=activation_name(act, gated=True),
         normalization="rmsnorm",
         layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
         qk_layernorm=model_type in ("qwen3", "qwen3_moe"),

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 
+from nemo_upcycle.activations import activation_name
 from nemo_upcycle.checkpoint.archive import atomic_output, load_yaml_mapping
 from nemo_upcycle.checkpoint.base import (
     CheckpointReader, CheckpointWriter, Fetch, ReadOptions, SourceMeta, TensorInfo, model_order, refusal)
@@ -89,8 +90,7 @@ def gpt_config_from_transformer_config(model: dict[str, Any], vocab_size: int) -
                      if isinstance(model.get("activation_func"), dict) else model.get("activation_func", "gelu"))
     act_name = act_target.rsplit(".", 1)[-1]
     gated = bool(model.get("gated_linear_unit", False))
-    activation = {("squared_relu", False): "squared-relu", ("silu", True): "swiglu", ("gelu", True): "geglu",
-                  ("relu", True): "reglu"}.get((act_name, gated), act_name)
+    activation = activation_name(act_name, gated) or act_name  # GPTConfig refuses what has no name
     norm = "rmsnorm" if model.get("normalization", "LayerNorm") == "RMSNorm" else "layernorm"
     if model.get("layernorm_zero_centered_gamma") and norm == "layernorm":
         norm = "layernorm1p"

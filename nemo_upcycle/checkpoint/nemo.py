@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from nemo_upcycle.activations import activation_name, get_activation
 from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter, atomic_output, refuse_special_files
 from nemo_upcycle.checkpoint.base import (
     CheckpointReader, CheckpointWriter, Fetch, SourceMeta, TensorInfo, WriteOptions, model_order, refusal)
@@ -223,11 +224,7 @@ class NemoReader(CheckpointReader):
         self._infos = model_order(self._infos)
 
     def _gated(self) -> bool:
-        from nemo_upcycle.checkpoint.nemo_config import NEMO_ACTIVATIONS
-        from nemo_upcycle.activations import get_activation
-
-        act = NEMO_ACTIVATIONS.get(self.source_config.get("activation", "gelu"), "gelu")
-        return get_activation(act).gated
+        return get_activation(activation_name(self.source_config.get("activation", "gelu")) or "gelu").gated
 
     def _load_legacy(self, slot: int) -> dict[str, torch.Tensor]:
         """One legacy shard, memory-mapped. Opened afresh per read, so pages of layers already converted are
