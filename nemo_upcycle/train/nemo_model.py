@@ -32,19 +32,19 @@ from nemo.utils.get_rank import is_global_rank_zero
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_upcycle.checkpoint import CheckpointReader, open_checkpoint
+from nemo_upcycle.checkpoint.base import Fetch
 from nemo_upcycle.checkpoint.layout import write_megatron_dist
 from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
 from nemo_upcycle.checkpoint.nemo import NEMO_PREFIX, NemoReader, NemoWriter
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
+from nemo_upcycle.convert import LayerStream, plan_conversion
 from nemo_upcycle.data.tokenizers import TokenizerSpec
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.backends import build_backend
 from nemo_upcycle.models.config import GPTConfig
-from nemo_upcycle.models.keys import stack_experts
-from nemo_upcycle.models.manifest import check_tensors
+from nemo_upcycle.models.manifest import TensorInfo, check_tensors
 from nemo_upcycle.models.reference import lm_loss
-from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
-from nemo_upcycle.recipe.calibration import reader_tokenizer
+from nemo_upcycle.recipe import UpcycleConfig
 
 if "nemo_upcycle." not in ALLOWED_TARGET_PREFIXES:  # let NeMo's restore instantiate our classes
     ALLOWED_TARGET_PREFIXES.append("nemo_upcycle.")
@@ -164,16 +164,20 @@ class MegatronUpcycledGPTModel(ModelPT):
     @classmethod
     def from_dense(cls, path: str | Path, recipe: UpcycleConfig, trainer: Trainer | None = None,
                    overrides: dict[str, Any] | None = None) -> "MegatronUpcycledGPTModel":
-        """Restore a dense checkpoint and upcycle it in memory with `recipe` (= convert, then restore)."""
+        """Restore a dense checkpoint and upcycle it with `recipe` on the way in (= convert, then restore): the
+        converter's own plan and layer stream, so the dense model is never whole in memory."""
         with open_checkpoint(path) as reader:
-            check_tensors(reader.tensors(), reader.config, str(path))
-            moe_cfg, state = upcycle_state_dict(reader.state_dict(), reader.config, recipe, reader_tokenizer(reader))
-            conf = model_config_for(moe_cfg, reader.source_config, reader.tokenizer)
+            plan = plan_conversion(reader, recipe, str(path))
+            conf = model_config_for(plan.moe, reader.source_config, reader.tokenizer)
             if overrides:
                 conf = with_overrides(conf, OmegaConf.create(overrides))
             model = cls.from_config_dict(config=conf, trainer=trainer)
             model.tokenizer_spec = reader.tokenizer
-        model.load_canonical_state_dict(stack_experts(state))
+            fetch = LayerStream(reader, plan).fetch
+            if model.backend.sharded:
+                model._load_sharded(plan.outputs, fetch)
+            else:
+                model.backend.load_canonical_state_dict({name: fetch(name) for name in plan.outputs})
         return model
 
     def load_checkpoint(self, reader: CheckpointReader, strict: bool = True) -> None:
@@ -181,23 +185,23 @@ class MegatronUpcycledGPTModel(ModelPT):
         if strict:
             check_tensors(reader.tensors(), self.gpt_config, "the checkpoint")
         if self.backend.sharded:
-            self._load_sharded(reader)
+            self._load_sharded(reader.tensors(), lambda name: reader.read([name])[name])
         else:
             self.backend.load_canonical_state_dict(reader.state_dict())
 
     def load_canonical_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.backend.sharded:
-            self._load_sharded(InMemoryCheckpoint(self.gpt_config, state))
+            memory = InMemoryCheckpoint(self.gpt_config, state)
+            self._load_sharded(memory.tensors(), lambda name: memory.read([name])[name])
         else:
             self.backend.load_canonical_state_dict(state)
 
-    def _load_sharded(self, source: CheckpointReader) -> None:
+    def _load_sharded(self, tensors: dict[str, TensorInfo], fetch: Fetch) -> None:
         """Split over ranks: rank 0 streams the weights once into a torch_dist checkpoint, tensor by tensor, and
         every rank reads only its shards with Megatron's loader."""
         with shared_tmpdir() as tmp:
             if torch.distributed.get_rank() == 0:
-                write_megatron_dist(tmp / "model_weights", self.gpt_config, source.tensors(),
-                                    lambda name: source.read([name])[name], NEMO_PREFIX)
+                write_megatron_dist(tmp / "model_weights", self.gpt_config, tensors, fetch, NEMO_PREFIX)
             torch.distributed.barrier()
             self.backend.load_sharded(tmp / "model_weights", NEMO_PREFIX)
 
