@@ -1,6 +1,8 @@
-"""The conversion as a library: `plan_conversion` lists the output tensors from the input's headers alone,
-`convert` executes the plan into a writer layer by layer, so memory stays bounded by about one layer's output
-whatever the model size. The `convert` command (cli/convert.py) and the Hydra entry point call these."""
+"""The conversion as a library: `plan_conversion` lists the output tensors from the input's headers alone and
+the operation that makes each (`Copy` it from the input, or `UpcycleMLP` of its layer); one executor
+(`LayerStream`) runs them in the order the writer declares it fetches tensors, which is checked to take one layer
+at a time, so memory stays bounded by about one layer's output whatever the model size. The `convert` command
+(cli/convert.py), the Hydra entry point and `from_dense` call these."""
 
 from __future__ import annotations
 
@@ -27,6 +29,24 @@ from nemo_upcycle.report import human_count, markdown_table
 
 # ---- plan ---------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Copy:
+    """An output tensor read from the input as it is."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class UpcycleMLP:
+    """Layer `layer`'s dense MLP turned into `outputs` (router, experts, shared expert) by the recipe."""
+
+    layer: int
+    outputs: tuple[str, ...]
+
+
+Op = Copy | UpcycleMLP
+
+
 @dataclass
 class Plan:
     dense: GPTConfig
@@ -34,6 +54,10 @@ class Plan:
     recipe: UpcycleConfig | None  # None: a format conversion, the checkpoint as it is (dense or MoE)
     inputs: dict[str, TensorInfo]
     outputs: dict[str, TensorInfo]  # canonical names in model order (what the writer will fetch)
+    ops: dict[str, Op]  # output name -> the operation that makes it
+
+    def upcycles(self) -> dict[int, UpcycleMLP]:
+        return {op.layer: op for op in self.ops.values() if isinstance(op, UpcycleMLP)}
 
     @property
     def bytes_in(self) -> int:
@@ -55,7 +79,7 @@ def plan_conversion(reader: CheckpointReader, recipe: UpcycleConfig | None, wher
     inputs = reader.tensors()
     if recipe is None:
         check_tensors(inputs, dense, where)
-        return Plan(dense, dense, None, dict(inputs), dict(inputs))
+        return Plan(dense, dense, None, dict(inputs), dict(inputs), {n: Copy(n) for n in inputs})
     moe = moe_config(dense, recipe)  # raises for MoE inputs and invalid recipes
     check_tensors(inputs, dense, where)
     outputs = {}
@@ -65,25 +89,58 @@ def plan_conversion(reader: CheckpointReader, recipe: UpcycleConfig | None, wher
         else:  # router / experts: the dtype of the dense MLP they come from
             fc1 = name.split("mlp.")[0] + "mlp.linear_fc1.weight"
             outputs[name] = TensorInfo(shape, inputs[fc1].dtype)
-    return Plan(dense, moe, recipe, dict(inputs), outputs)
+    return Plan(dense, moe, recipe, dict(inputs), outputs, _operations(inputs, outputs))
+
+
+def _operations(inputs: dict[str, TensorInfo], outputs: dict[str, TensorInfo]) -> dict[str, Op]:
+    """What the input holds is copied; the rest of a layer (router, experts) is its upcycled MLP."""
+    ops: dict[str, Op] = {n: Copy(n) for n in outputs if n in inputs}
+    new: dict[int, list[str]] = {}
+    for name in outputs:
+        if name not in inputs:
+            new.setdefault(layer_index(name), []).append(name)
+    for i, names in new.items():
+        ops.update(dict.fromkeys(names, UpcycleMLP(i, tuple(names))))
+    return {n: ops[n] for n in outputs}
 
 
 # ---- execute ------------------------------------------------------------------------------------------------
 
+def check_one_layer_at_a_time(order: list[str], writer: str) -> None:
+    """Refuse a fetch order that comes back to a layer it has left: the executor holds one layer at a time."""
+    done: set[int] = set()
+    current = None
+    for name in order:
+        i = layer_index(name)
+        if i is not None and i != current:
+            if i in done:
+                raise UpcycleError(f"the {writer} writer fetches layer {i} again after leaving it ({name}): "
+                                   "it must take one layer at a time")
+            if current is not None:
+                done.add(current)
+            current = i
+
+
 class LayerStream:
-    """Hands out output tensors one at a time, computing a whole layer when its first tensor is asked for."""
+    """The executor: hands out output tensors one at a time, reading a whole layer and running its operations
+    when its first tensor is asked for. Given the writer's declared `order`, every fetch is checked against it."""
 
     def __init__(self, reader: CheckpointReader, plan: Plan, progress=None,
-                 router_directions: dict[int, torch.Tensor] | None = None):
+                 router_directions: dict[int, torch.Tensor] | None = None, order: list[str] | None = None):
         self.reader, self.plan, self.progress = reader, plan, progress
         if router_directions is None and plan.recipe is not None:
             router_directions = directions_from_reader(reader, plan.recipe)
         self.router_directions = router_directions or {}
-        self.pattern = plan.moe.moe_layer_pattern()
+        self.upcycles = plan.upcycles()
+        self.order = iter(order) if order is not None else None
         self.layer: int | None = None
         self.cache: dict[str, torch.Tensor] = {}
 
     def fetch(self, name: str) -> torch.Tensor:
+        if self.order is not None:
+            expected = next(self.order, None)
+            if name != expected:
+                raise UpcycleError(f"the writer fetched {name} where its declared order has {expected}")
         i = layer_index(name)
         if i is None:
             return self.reader.read([name])[name]
@@ -95,7 +152,7 @@ class LayerStream:
         self.cache.clear()
         prefix = f"decoder.layers.{i}."
         tensors = self.reader.read(self.reader.layer_names(i))
-        if self.pattern[i] and self.plan.recipe is not None:
+        if i in self.upcycles:
             mlp = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k[len(prefix):] in DENSE_MLP_KEYS}
             new = upcycle_layer_mlp(mlp, self.plan.dense, self.plan.recipe, i, self.router_directions.get(i))
             tensors.update({prefix + k: v for k, v in new.items()})
@@ -169,10 +226,12 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
         plan = plan_conversion(reader, recipe, str(input_path))
         writer = make_writer(output_format, output_path, overwrite, pack, hf_arch, max_shard_size, target_engine)
         writer.check(plan.moe)
+        order = writer.fetch_order(plan.moe, plan.outputs)
+        check_one_layer_at_a_time(order, writer.name)
         check_free_disk(output_path, plan.bytes_out + writer.overhead_bytes(plan.outputs))
         directions = directions_from_reader(reader, recipe) if recipe is not None else None
         bar = tqdm(total=plan.dense.num_layers, unit="layer", desc="upcycling", disable=not progress)
-        stream = LayerStream(reader, plan, bar, directions)
+        stream = LayerStream(reader, plan, bar, directions, order)
         writer.write(plan.moe, plan.outputs, stream.fetch, reader.meta())
         bar.close()
         seconds = time.perf_counter() - start

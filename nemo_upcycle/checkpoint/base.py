@@ -146,6 +146,11 @@ class CheckpointWriter(ABC):
             raise UpcycleError(problem)
 
     @abstractmethod
+    def fetch_order(self, config: GPTConfig, tensors: dict[str, TensorInfo]) -> list[str]:
+        """The order in which `write` fetches `tensors`, each once (the converter checks it takes one layer at a
+        time, and every fetch against it)."""
+
+    @abstractmethod
     def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch, source: SourceMeta) -> None:
         """Write the checkpoint atomically: nothing appears at `self.path` until it is complete."""
 

@@ -154,6 +154,9 @@ class HFExportWriter(CheckpointWriter):
         prefix = f"decoder.layers.{i}."
         return hf_names.moe_layer_to_hf({k[len(prefix):]: v for k, v in tensors.items()}, i, config, self.arch)
 
+    def fetch_order(self, config: GPTConfig, tensors: dict[str, TensorInfo]) -> list[str]:
+        return [name for _, names in self._units(tensors) for name in names]
+
     def hf_tensors(self, config: GPTConfig, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
         """Every tensor the folder will hold, in file order, from the plan alone (meta tensors, nothing read)."""
         out = {}

@@ -115,6 +115,12 @@ def empty_extra_state() -> bytes:
 
 # ---- the torch_dist layout of a whole model -------------------------------------------------------------
 
+def dist_fetch_order(tensors: dict[str, TensorInfo]) -> list[str]:
+    """The order `write_megatron_dist` fetches tensors in: the global ones, then layer by layer, each layer in
+    the order given (its chunks are written grouped so)."""
+    return sorted(tensors, key=lambda name: -1 if layer_index(name) is None else layer_index(name))
+
+
 def write_megatron_dist(path: Path | str, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
                         prefix: str, tar: TarWriter | None = None, common: dict | None = None) -> None:
     """Write every tensor of `tensors` (canonical names) as Megatron stores it: TE-spec keys, layers stacked

@@ -23,7 +23,7 @@ from nemo_upcycle.activations import activation_name
 from nemo_upcycle.checkpoint.archive import atomic_output, load_yaml_mapping
 from nemo_upcycle.checkpoint.base import (
     CheckpointReader, CheckpointWriter, Fetch, ReadOptions, SourceMeta, TensorInfo, model_order, refusal)
-from nemo_upcycle.checkpoint.layout import canonical_names, write_megatron_dist
+from nemo_upcycle.checkpoint.layout import canonical_names, dist_fetch_order, write_megatron_dist
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
 from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
 from nemo_upcycle.errors import UpcycleError, bad_file
@@ -331,6 +331,9 @@ class MegatronWriter(CheckpointWriter):
 
     def problem(self, config: GPTConfig) -> str | None:
         return refusal(lambda: (nemo_config_from_gpt(config), megatron_args(config)))
+
+    def fetch_order(self, config: GPTConfig, tensors: dict[str, TensorInfo]) -> list[str]:
+        return dist_fetch_order(tensors)
 
     def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:
         return 1 << 20

@@ -27,7 +27,7 @@ from nemo_upcycle.activations import activation_name, get_activation
 from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter, atomic_output, refuse_special_files
 from nemo_upcycle.checkpoint.base import (
     CheckpointReader, CheckpointWriter, Fetch, SourceMeta, TensorInfo, WriteOptions, model_order, refusal)
-from nemo_upcycle.checkpoint.layout import canonical_names, write_megatron_dist
+from nemo_upcycle.checkpoint.layout import canonical_names, dist_fetch_order, write_megatron_dist
 from nemo_upcycle.checkpoint.megatron import is_megatron_dir, weights_dtype
 from nemo_upcycle.checkpoint.nemo_config import (
     gpt_config_from_nemo, nemo_config_from_gpt, nemo_problem, with_nemo_restore_sections)
@@ -303,6 +303,9 @@ class NemoWriter(CheckpointWriter):
 
     def problem(self, config: GPTConfig) -> str | None:
         return refusal(lambda: nemo_config_from_gpt(config)) or nemo_problem(config)
+
+    def fetch_order(self, config: GPTConfig, tensors: dict[str, TensorInfo]) -> list[str]:
+        return dist_fetch_order(tensors)
 
     def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:
         return 1 << 20
