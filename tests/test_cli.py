@@ -24,3 +24,14 @@ def test_every_command_documents_every_option():
         for action in parser._actions:
             if action.dest != "help" and action.help != argparse.SUPPRESS:
                 assert action.help and len(action.help) > 10, f"{name} {action.dest}"
+
+
+def test_library_errors_name_config_fields_and_the_cli_says_the_flags():
+    from nemo_upcycle.cli import as_flags
+
+    assert as_flags("output_format=hf needs hf_arch: one of mixtral, qwen2_moe") == \
+        "--format hf needs --hf-arch: one of mixtral, qwen2_moe"
+    assert as_flags("target_engine=vllm hf_arch=mixtral: x; use hf_arch=qwen2_moe or qwen3_moe") == \
+        "--target-engine vllm --hf-arch mixtral: x; use --hf-arch qwen2_moe or qwen3_moe"
+    assert as_flags("does model_config match model_config.yaml? my_hf_arch_x") == \
+        "does model_config match model_config.yaml? my_hf_arch_x"

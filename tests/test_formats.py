@@ -46,8 +46,8 @@ def test_writers_name_what_they_cannot_represent(tmp_path):
         small_config(activation="geglu"))
     assert make_writer("nemo", tmp_path / "a").problem(small_config()) is None
     for fmt in ("nemo", "megatron"):
-        with pytest.raises(UpcycleError, match="--target-engine is for --format hf exports"):
+        with pytest.raises(UpcycleError, match="target_engine is for output_format=hf exports"):
             make_writer(fmt, tmp_path / "a", target_engine="vllm")
-    with pytest.raises(UpcycleError, match="--format hf needs --hf-arch"):
+    with pytest.raises(UpcycleError, match="output_format=hf needs hf_arch"):
         make_writer("hf", tmp_path / "a")
     assert not (tmp_path / "a").exists()  # making a writer writes nothing

@@ -119,16 +119,16 @@ TOPK = dict(router="topk_then_softmax")
 
 
 @pytest.mark.parametrize("source, recipe, arch, problem, fix", [
-    ("llama", dict(router="softmax_then_topk"), "mixtral", "softmax-then-topK routing", "use --hf-arch qwen2_moe"),
+    ("llama", dict(router="softmax_then_topk"), "mixtral", "softmax-then-topK routing", "use hf_arch=qwen2_moe"),
     ("llama", dict(router="sigmoid"), "qwen2_moe", "sigmoid routing", "no Hugging Face MoE target can"),
-    ("qwen3", TOPK, "qwen2_moe", "qk-norm (only Qwen3-MoE", "use --hf-arch qwen3_moe"),
-    ("qwen3", TOPK, "mixtral", "qk-norm", "use --hf-arch qwen3_moe"),
-    ("llama", TOPK, "qwen3_moe", "no qk-norm", "use --hf-arch mixtral or qwen2_moe"),
-    ("qwen2", TOPK, "mixtral", "q/k/v biases", "use --hf-arch qwen2_moe"),
-    ("qwen2", TOPK, "qwen3_moe", "q/k/v biases", "use --hf-arch qwen2_moe"),
-    ("llama", dict(TOPK, shared_expert=True), "mixtral", "a shared expert", "use --hf-arch qwen2_moe"),
-    ("llama", dict(TOPK, layers=(0,)), "mixtral", "dense layers among the MoE ones", "use --hf-arch qwen2_moe"),
-    ("mistral-head-dim", TOPK, "qwen2_moe", "head_dim 16", "use --hf-arch mixtral"),
+    ("qwen3", TOPK, "qwen2_moe", "qk-norm (only Qwen3-MoE", "use hf_arch=qwen3_moe"),
+    ("qwen3", TOPK, "mixtral", "qk-norm", "use hf_arch=qwen3_moe"),
+    ("llama", TOPK, "qwen3_moe", "no qk-norm", "use hf_arch=mixtral or qwen2_moe"),
+    ("qwen2", TOPK, "mixtral", "q/k/v biases", "use hf_arch=qwen2_moe"),
+    ("qwen2", TOPK, "qwen3_moe", "q/k/v biases", "use hf_arch=qwen2_moe"),
+    ("llama", dict(TOPK, shared_expert=True), "mixtral", "a shared expert", "use hf_arch=qwen2_moe"),
+    ("llama", dict(TOPK, layers=(0,)), "mixtral", "dense layers among the MoE ones", "use hf_arch=qwen2_moe"),
+    ("mistral-head-dim", TOPK, "qwen2_moe", "head_dim 16", "use hf_arch=mixtral"),
     ("llama", dict(TOPK, topk_scaling_factor=2.0), "qwen2_moe", "moe_router_topk_scaling_factor", "no Hugging"),
     ("llama", None, "qwen2_moe", "the model is dense", "no Hugging Face MoE target can"),
 ])
@@ -138,7 +138,7 @@ def test_unrepresentable_combinations_are_refused_before_any_work(sources, tmp_p
     with pytest.raises(UpcycleError) as err:
         convert(sources / source, tmp_path / "out", recipe, output_format="hf", hf_arch=arch, progress=False)
     text = str(err.value)
-    assert text.startswith(f"--hf-arch {arch} cannot represent this model exactly: ") and "\n" not in text
+    assert text.startswith(f"hf_arch={arch} cannot represent this model exactly: ") and "\n" not in text
     assert problem in text and fix in text, text
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary directory
 

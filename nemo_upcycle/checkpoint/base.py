@@ -132,8 +132,8 @@ class CheckpointWriter(ABC):
     @classmethod
     def create(cls, path: Path, options: WriteOptions) -> "CheckpointWriter":
         if options.target_engine:
-            raise UpcycleError(f"--target-engine is for --format hf exports; {cls.name} output has no engine to "
-                               "check against: drop --target-engine")
+            raise UpcycleError(f"target_engine is for output_format=hf exports; {cls.name} output has no engine to "
+                               "check against: drop target_engine")
         return cls(path, options.overwrite)
 
     def problem(self, config: GPTConfig) -> str | None:

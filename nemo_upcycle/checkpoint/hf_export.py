@@ -115,7 +115,7 @@ class HFExportWriter(CheckpointWriter):
     @classmethod
     def create(cls, path: Path, options: WriteOptions) -> "HFExportWriter":
         if options.hf_arch is None:
-            raise UpcycleError(f"--format hf needs --hf-arch: one of {', '.join(HF_ARCHS)}")
+            raise UpcycleError(f"output_format=hf needs hf_arch: one of {', '.join(HF_ARCHS)}")
         return cls(path, options.overwrite, options.hf_arch, options.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
                    options.target_engine)
 
@@ -124,7 +124,7 @@ class HFExportWriter(CheckpointWriter):
         problem = hf_names.hf_arch_problem(config, self.arch)
         if problem is None and self.target_engine:
             engine = hf_names.engine_problem(config, self.arch, self.target_engine)
-            problem = engine and f"--target-engine {self.target_engine} --hf-arch {self.arch}: {engine}"
+            problem = engine and f"target_engine={self.target_engine} hf_arch={self.arch}: {engine}"
         return problem
 
     def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:

@@ -503,12 +503,12 @@ def engine_problem(cfg: GPTConfig, arch: str, engine: str) -> str | None:
 def hf_arch_problem(cfg: GPTConfig, arch: str) -> str | None:
     """One-line refusal, naming the targets that would work, when `arch` cannot represent `cfg` exactly."""
     if arch not in MOE_ARCHS:
-        return f"unknown --hf-arch '{arch}': use one of {', '.join(MOE_ARCHS)}"
+        return f"unknown hf_arch '{arch}': use one of {', '.join(MOE_ARCHS)}"
     problem = hf_target_problem(cfg, arch)
     if problem:
         ok = [a for a in MOE_ARCHS if hf_target_problem(cfg, a) is None]
-        fix = f"use --hf-arch {' or '.join(ok)}" if ok else "no Hugging Face MoE target can; write .nemo or megatron"
-        return f"--hf-arch {arch} cannot represent this model exactly: {problem}; {fix}"
+        fix = f"use hf_arch={' or '.join(ok)}" if ok else "no Hugging Face MoE target can; write .nemo or megatron"
+        return f"hf_arch={arch} cannot represent this model exactly: {problem}; {fix}"
     return None
 
 

@@ -241,7 +241,7 @@ def megatron_args(cfg: GPTConfig) -> list[str]:
         factor = rope["seq_len_interpolation_factor"]
         if factor != int(factor):
             raise UpcycleError(f"Megatron-LM takes an integer --rotary-seq-len-interpolation-factor, this model's "
-                               f"linear RoPE factor is {factor:g}: write --format nemo or --format hf instead")
+                               f"linear RoPE factor is {factor:g}: write output_format=nemo or output_format=hf instead")
         flags.append(f"--rotary-seq-len-interpolation-factor {int(factor)}")
     if cfg.is_moe:
         flags += [

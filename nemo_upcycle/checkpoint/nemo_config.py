@@ -169,5 +169,5 @@ def nemo_problem(gpt: GPTConfig) -> str | None:
     factor fixed at 8 (`scale_positional_embedding`)."""
     if gpt.rope_scaling_type == "llama3" and gpt.rope_scaling_factor != 8.0:
         return (f"NeMo 1.x applies llama3 RoPE scaling with factor 8 only, this model has "
-                f"{gpt.rope_scaling_factor:g}: write --format megatron or --format hf instead")
+                f"{gpt.rope_scaling_factor:g}: write output_format=megatron or output_format=hf instead")
     return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from nemo_upcycle import __version__
@@ -21,6 +22,16 @@ COMMANDS = {
     "preprocess": ("nemo_upcycle.cli.preprocess", "tokenize jsonl, text files or folders into Megatron .bin/.idx datasets"),
     "eval": ("nemo_upcycle.cli.eval", "evaluate checkpoints on MMLU (or other lm-eval tasks) offline, side by side"),
 }
+
+
+# Library errors name the config fields (conf/upcycle.yaml's, the Python API's): `hf_arch=mixtral`. Here they name
+# the flags that set them: `--hf-arch mixtral`.
+FLAGS = {"output_format": "--format", "hf_arch": "--hf-arch", "target_engine": "--target-engine"}
+_FIELD = re.compile(r"\b(" + "|".join(FLAGS) + r")\b(=?)")
+
+
+def as_flags(message: str) -> str:
+    return _FIELD.sub(lambda m: FLAGS[m[1]] + (" " if m[2] else ""), message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UpcycleError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {as_flags(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
