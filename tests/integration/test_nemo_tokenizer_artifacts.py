@@ -17,7 +17,7 @@ from nemo_upcycle.data.preprocess import preprocess
 from nemo_upcycle.recipe import UpcycleConfig
 from tests.hf_fixtures import save_dense, save_tokenizer
 
-MMLU = Path(__file__).parent.parent / "nemo_upcycle" / "demo_data" / "mmlu_sample"
+MMLU = Path(__file__).parents[2] / "nemo_upcycle" / "demo_data" / "mmlu_sample"
 TEXT = "Question: which planet is largest?\nA. Mars\nB. Jupiter\nAnswer: B"
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
 

@@ -25,7 +25,7 @@ from nemo_upcycle.eval.runner import evaluate_models
 from tests.conftest import random_model, small_config
 
 TOK = ByteTokenizer()
-HENDRYCKS = Path(__file__).parent.parent / "nemo_upcycle" / "demo_data" / "mmlu_sample"
+HENDRYCKS = Path(__file__).parents[2] / "nemo_upcycle" / "demo_data" / "mmlu_sample"
 # lm-eval's categories for the fixture's subjects (lm_eval/tasks/mmlu/default/mmlu_<subject>.yaml, `tag`)
 CATEGORY = {"abstract_algebra": "stem", "college_physics": "stem", "philosophy": "humanities",
             "sociology": "social_sciences", "marketing": "other"}
@@ -261,6 +261,6 @@ def test_builtin_task_without_cached_dataset_names_the_cache(tmp_path):
     # (the model is never called: building the task fails first)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_HOME": str(tmp_path / "hf_home")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).parent.parent)
+                          cwd=Path(__file__).parents[2])
     assert proc.returncode != 0
     assert f"not in the Hugging Face cache ({tmp_path / 'hf_home'}" in proc.stderr.splitlines()[-1]

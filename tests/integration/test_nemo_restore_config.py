@@ -20,7 +20,7 @@ from nemo_upcycle.recipe import UpcycleConfig
 from tests.conftest import random_model, small_config
 from tests.nemo_fixtures import spm_model_bytes, write_nemo_dir
 
-DEMO = Path(__file__).resolve().parents[1] / "nemo_upcycle" / "demo_data" / "dense_nemotron.nemo"
+DEMO = Path(__file__).resolve().parents[2] / "nemo_upcycle" / "demo_data" / "dense_nemotron.nemo"
 # torch_dtype_from_precision (nemo/collections/nlp/parts/utils_funcs.py, v2.4.0) accepts exactly these
 NEMO_PRECISIONS = {"bf16", "bf16-mixed", 16, "16", "16-mixed", 32, "32", "32-true"}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parent.parent / "scripts" / "gpu_check.sh"
+SCRIPT = Path(__file__).parents[2] / "scripts" / "gpu_check.sh"
 
 
 def run_check(tmp_path: Path) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "nemo_upcycle"
+PACKAGE = Path(__file__).resolve().parents[2] / "nemo_upcycle"
 LAYERS = [("errors",), ("activations", "report", "compat"), ("models",), ("data",), ("checkpoint",), ("recipe",),
           ("verify",), ("convert",), ("train", "eval"), ("demo", "cli")]  # lowest first
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

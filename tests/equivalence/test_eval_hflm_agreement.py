@@ -17,7 +17,7 @@ from nemo_upcycle.eval.runner import task_manager
 from nemo_upcycle.recipe import UpcycleConfig
 from tests.hf_fixtures import save_dense, save_tokenizer
 
-MMLU = Path(__file__).parent.parent / "nemo_upcycle" / "demo_data" / "mmlu_sample"
+MMLU = Path(__file__).parents[2] / "nemo_upcycle" / "demo_data" / "mmlu_sample"
 SHOTS = 1
 
 

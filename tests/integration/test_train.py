@@ -107,7 +107,7 @@ def test_aux_loss_pulls_an_unbalanced_router_towards_balance(workdir, backend):
     shares = {}
     for coeff in (0.0, 0.5):
         # the paper's random group rows, biased below: the calibrated default starts ordered (one group takes the
-        # load) and balances more slowly (tests/test_router_init.py::test_calibrated_router_learns_and_balances)
+        # load) and balances more slowly (tests/equivalence/test_router_init.py::test_calibrated_router_learns_and_balances)
         model = MegatronUpcycledGPTModel.from_dense(workdir / "dense.nemo", RECIPE.replace(
             router="topk_then_softmax", router_init="virtual_group", aux_loss_coeff=coeff), overrides={"backend": backend})
         state = model.backend.canonical_state_dict()

@@ -16,7 +16,7 @@ from nemo_upcycle.cli import build_parser, main
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.eval.runner import EvalOptions
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 def eval_parser() -> argparse.ArgumentParser:

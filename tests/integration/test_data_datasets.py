@@ -15,7 +15,7 @@ from nemo_upcycle.data.datasets import build_gpt_datasets, parse_blend
 from nemo_upcycle.data.preprocess import preprocess
 from nemo_upcycle.data.tokenizers import ByteTokenizer
 from nemo_upcycle.errors import UpcycleError
-from tests.test_data_tokenizers import assert_one_line_error
+from tests.unit.test_data_tokenizers import assert_one_line_error
 
 TOK = ByteTokenizer()
 SEQ = 64

@@ -11,7 +11,7 @@ from nemo_upcycle.recipe import UpcycleConfig
 from tests.conftest import random_model, small_config, torchrun
 from tests.nemo_fixtures import write_nemo_dir
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.mark.parametrize("fmt, parallel", [("nemo", "--tp"), ("nemo", "--ep"), ("megatron", "--tp")])

@@ -20,7 +20,7 @@ from nemo_upcycle.data.preprocess import preprocess
 from nemo_upcycle.checkpoint import tokenizer_from_argument
 from nemo_upcycle.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
 from nemo_upcycle.errors import UpcycleError
-from tests.test_data_tokenizers import ARTIFACT, assert_one_line_error, train_stdlib_sentencepiece
+from tests.unit.test_data_tokenizers import ARTIFACT, assert_one_line_error, train_stdlib_sentencepiece
 
 
 def read_back(prefix: str) -> list[np.ndarray]:

