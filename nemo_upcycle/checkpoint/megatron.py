@@ -190,12 +190,12 @@ class MegatronReader(CheckpointReader):
         args = _load_args(self.path / "common.pt")
         if args is not None:
             with bad_file(self.path / "common.pt", "holds saved args of the wrong type",
-                          "pass --model-config CONFIG.yaml instead"):
+                          "pass model_config=CONFIG.yaml instead"):
                 cfg = gpt_config_from_megatron_args(args, vocab)
                 return cfg, nemo_config_from_gpt(cfg)
         raise UpcycleError(
             f"no model config found with {self.path} (no run_config.yaml, no args in common.pt): pass "
-            "--model-config CONFIG.yaml (NeMo model_config.yaml fields)"
+            "model_config=CONFIG.yaml (NeMo model_config.yaml fields)"
         )
 
     def tensors(self) -> dict[str, TensorInfo]:

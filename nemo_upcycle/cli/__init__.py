@@ -24,14 +24,17 @@ COMMANDS = {
 }
 
 
-# Library errors name the config fields (conf/upcycle.yaml's, the Python API's): `hf_arch=mixtral`. Here they name
-# the flags that set them: `--hf-arch mixtral`.
-FLAGS = {"output_format": "--format", "hf_arch": "--hf-arch", "target_engine": "--target-engine"}
-_FIELD = re.compile(r"\b(" + "|".join(FLAGS) + r")\b(=?)")
+# Library errors name the config fields (conf/upcycle.yaml's and conf/eval.yaml's, the Python API's):
+# `hf_arch=mixtral`. Here they name the flags that set them: `--hf-arch mixtral`. A field is mapped where it is
+# given a value, and the names in BARE also alone (other fields' bare names are words of other messages).
+FLAGS = {"output_format": "--format", "hf_arch": "--hf-arch", "target_engine": "--target-engine",
+         "model_config": "--model-config", "tasks": "--tasks", "data_dir": "--data-dir", "num_fewshot": "--num-fewshot"}
+BARE = ("hf_arch", "target_engine", "data_dir")
+_FIELD = re.compile(r"\b(?:(" + "|".join(FLAGS) + r")=|(" + "|".join(BARE) + r")\b)")
 
 
 def as_flags(message: str) -> str:
-    return _FIELD.sub(lambda m: FLAGS[m[1]] + (" " if m[2] else ""), message)
+    return _FIELD.sub(lambda m: FLAGS[m[1]] + " " if m[1] else FLAGS[m[2]], message)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -239,7 +239,7 @@ def test_damaged_data_is_a_one_line_error(tmp_path, damage, message):
 
 
 @pytest.mark.parametrize("tasks, data_dir, message", [
-    (["mmlu"], None, "pass --data-dir"),
+    (["mmlu"], None, "pass data_dir="),
     (["mmlu"], "/no/such/folder", "does not exist"),
     (["mmlu_anatomy"], HENDRYCKS, "mmlu_anatomy have no subject among the 5 in"),
 ])

@@ -58,7 +58,7 @@ def test_zero_shot_needs_no_dev_split_and_k_shot_uses_a_given_one(jsonl):
     prompt = zero["samples"]["mmlu_philosophy"][0]["arguments"][0][0]
     assert prompt.startswith("The following are multiple choice questions (with answers) about philosophy.\n\n")
     assert prompt.count("Answer:") == 1
-    with pytest.raises(UpcycleError, match="no dev split to draw 5-shot examples from.*--num-fewshot 0") as err:
+    with pytest.raises(UpcycleError, match="no dev split to draw 5-shot examples from.*num_fewshot=0") as err:
         evaluate(Oracle(), jsonl["file"], num_fewshot=5)
     assert "\n" not in str(err.value)
     model = random_model(small_config(vocab_size=TOK.vocab_size), scale=0.5)

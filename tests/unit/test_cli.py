@@ -35,3 +35,7 @@ def test_library_errors_name_config_fields_and_the_cli_says_the_flags():
         "--target-engine vllm --hf-arch mixtral: x; use --hf-arch qwen2_moe or qwen3_moe"
     assert as_flags("does model_config match model_config.yaml? my_hf_arch_x") == \
         "does model_config match model_config.yaml? my_hf_arch_x"
+    assert as_flags("no MMLU files in x: pass data_dir=the cais/mmlu folder; or use MMLU with data_dir") == \
+        "no MMLU files in x: pass --data-dir the cais/mmlu folder; or use MMLU with --data-dir"
+    assert as_flags("num_fewshot 3 must be >= 0: pass num_fewshot=0, tasks=mmlu, model_config=C.yaml") == \
+        "num_fewshot 3 must be >= 0: pass --num-fewshot 0, --tasks mmlu, --model-config C.yaml"
