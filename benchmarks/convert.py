@@ -44,10 +44,10 @@ def generate(path: Path, layers: int, hidden: int) -> None:
     import yaml
 
     from nemo_upcycle.checkpoint.base import TensorInfo
-    from nemo_upcycle.checkpoint.megatron import write_megatron_dist
+    from nemo_upcycle.checkpoint.layout import write_megatron_dist
     from nemo_upcycle.checkpoint.nemo import NEMO_PREFIX
     from nemo_upcycle.checkpoint.nemo_config import nemo_config_from_gpt
-    from nemo_upcycle.convert import expected_shapes
+    from nemo_upcycle.models.manifest import expected_shapes
 
     cfg = bench_config(layers, hidden)
     tensors = {k: TensorInfo(s, torch.bfloat16) for k, s in expected_shapes(cfg).items()}

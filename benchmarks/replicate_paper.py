@@ -53,7 +53,7 @@ def main() -> None:
     from nemo_upcycle.data.corpus import stdlib_root
     from nemo_upcycle.data.preprocess import preprocess
     from nemo_upcycle.demo import SHIPPED_DENSE
-    from nemo_upcycle.models.nemo_model import MegatronUpcycledGPTModel
+    from nemo_upcycle.train.nemo_model import MegatronUpcycledGPTModel
     from nemo_upcycle.recipe import UpcycleConfig
     from nemo_upcycle.report import markdown_table
     from nemo_upcycle.train.compare import held_out_batches, mean_loss, training_overrides

@@ -54,7 +54,7 @@ def main() -> None:
     bf16 = InMemoryCheckpoint(ckpt.config, state, ckpt.source_config, ckpt.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / args.output.name
-        NemoWriter(out).write(bf16.config, bf16.tensors(), lambda n: bf16.read([n])[n], bf16)
+        NemoWriter(out).write(bf16.config, bf16.tensors(), lambda n: bf16.read([n])[n], bf16.meta())
         args.output.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(out, args.output)
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")

@@ -42,7 +42,7 @@ ACTIVATIONS: dict[str, Activation] = {
     )
 }
 
-# Spellings used by NeMo 1.x configs, Megatron and Hugging Face for the same functions.
+# Spellings used by NeMo 1.x configs, Megatron and Hugging Face for the same functions: the one alias table.
 _ALIASES = {
     "squared_relu": "squared-relu",
     "relu2": "squared-relu",
@@ -53,10 +53,30 @@ _ALIASES = {
 }
 
 
+# The gated linear unit of each function: Hugging Face's hidden_act and Megatron-Bridge's activation_func name
+# the function, and a gated MLP makes it the GLU.
+_GLU = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
+
+
+def activation_name(name: object, gated: bool = False) -> str | None:
+    """Our one spelling of an activation as NeMo, Megatron or Hugging Face spell it (`gated`: of the gated linear
+    unit of that function), or None when there is none."""
+    key = _ALIASES.get(name, name) if isinstance(name, str) else None
+    if gated:
+        key = _GLU.get(key)
+    return key if key in ACTIVATIONS else None
+
+
+def activation_spellings(gated: bool = False) -> list[str]:
+    """Every name `activation_name` accepts, ours first then the aliases of each (for error messages)."""
+    names = list(_GLU) if gated else list(ACTIVATIONS)
+    return [s for n in names for s in (n, *(a for a, k in _ALIASES.items() if k == n))]
+
+
 def get_activation(name: str) -> Activation:
     """Look an activation up by any of its spellings; unknown names get a one-line error listing the choices."""
-    key = _ALIASES.get(name, name)
-    if key not in ACTIVATIONS:
+    key = activation_name(name)
+    if key is None:
         raise UpcycleError(
             f"unsupported activation '{name}': use one of {', '.join(ACTIVATIONS)} "
             "(set `activation` in the model config)"

@@ -1,14 +1,11 @@
-"""`nemo-upcycle convert`: a dense checkpoint in, an upcycled MoE checkpoint out, streamed layer by layer.
-
-Plan, then execute (as mergekit does): the plan is a pure list of output tensors with shapes and dtypes,
-computed from the input's headers alone (what `--dry-run` prints); execution walks the writer's storage order,
-reading one dense layer, upcycling its MLP, handing each tensor to the writer and dropping it. Memory stays
-bounded by about one layer's output whatever the model size.
-"""
+"""The conversion as a library: `plan_conversion` lists the output tensors from the input's headers alone and
+the operation that makes each (`Copy` it from the input, or `UpcycleMLP` of its layer); one executor
+(`LayerStream`) runs them in the order the writer declares it fetches tensors, which is checked to take one layer
+at a time, so memory stays bounded by about one layer's output whatever the model size. The `convert` command
+(cli/convert.py), the Hydra entry point and `from_dense` call these."""
 
 from __future__ import annotations
 
-import argparse
 import resource
 import time
 from dataclasses import dataclass, field
@@ -17,56 +14,37 @@ from typing import Any
 
 import torch
 
-from nemo_upcycle.checkpoint import (
-    INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, TensorInfo, check_output_format, make_writer, open_checkpoint)
+from nemo_upcycle.checkpoint import INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, make_writer, open_checkpoint
 from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path, load_yaml_mapping
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
-from nemo_upcycle.models.hf import ENGINES
-from nemo_upcycle.models.keys import layer_index, stack_experts
+from nemo_upcycle.models.keys import layer_index
+from nemo_upcycle.models.manifest import TensorInfo, check_tensors, expected_shapes
 from nemo_upcycle.recipe import UpcycleConfig, moe_config, upcycle_layer_mlp
 from nemo_upcycle.recipe.calibration import directions_from_reader
-from nemo_upcycle.recipe.config import ROUTER_INITS, ROUTER_TYPES, SCALING_METHODS
 from nemo_upcycle.recipe.state_dict import DENSE_MLP_KEYS
 from nemo_upcycle.report import human_count, markdown_table
 
 
 # ---- plan ---------------------------------------------------------------------------------------------------
 
-def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a model of this config has (canonical names, experts stacked), built on the meta device."""
-    from nemo_upcycle.models.reference import GPTModel
+@dataclass(frozen=True)
+class Copy:
+    """An output tensor read from the input as it is."""
 
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    return {k: tuple(v.shape) for k, v in stack_experts(model.state_dict()).items()}
+    name: str
 
 
-def check_tensors(given: dict[str, TensorInfo], cfg: GPTConfig, where: str) -> None:
-    """One-line errors for missing or unexpected tensors and shape mismatches against the config."""
-    held = len({layer_index(k) for k in given} - {None})
-    if cfg.num_layers > held:  # checked before building the config's model, which may declare 2^31 layers
-        raise UpcycleError(f"{where} is missing tensor decoder.layers.{held}.* (the config declares {cfg.num_layers} "
-                           f"layers, the weights hold {held}): incomplete checkpoint, or a config of another model?")
-    want = expected_shapes(cfg)
-    missing = [k for k in want if k not in given]
-    if missing:
-        raise UpcycleError(f"{where} is missing tensor {missing[0]} ({len(missing)} missing): incomplete checkpoint?")
-    unexpected = [k for k in given if k not in want]
-    if unexpected:
-        raise UpcycleError(
-            f"{where} has unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected): does model_config "
-            "match the weights?"
-        )
-    for k, shape in want.items():
-        if not given[k].dtype.is_floating_point:
-            raise UpcycleError(f"tensor {k} in {where} has dtype {str(given[k].dtype).replace('torch.', '')}: only "
-                               "floating-point checkpoints can be upcycled; is the checkpoint corrupt or quantised?")
-        if given[k].shape != shape:
-            raise UpcycleError(
-                f"shape mismatch for {k} in {where}: checkpoint {given[k].shape}, config implies {shape}"
-            )
+@dataclass(frozen=True)
+class UpcycleMLP:
+    """Layer `layer`'s dense MLP turned into `outputs` (router, experts, shared expert) by the recipe."""
+
+    layer: int
+    outputs: tuple[str, ...]
+
+
+Op = Copy | UpcycleMLP
 
 
 @dataclass
@@ -76,6 +54,10 @@ class Plan:
     recipe: UpcycleConfig | None  # None: a format conversion, the checkpoint as it is (dense or MoE)
     inputs: dict[str, TensorInfo]
     outputs: dict[str, TensorInfo]  # canonical names in model order (what the writer will fetch)
+    ops: dict[str, Op]  # output name -> the operation that makes it
+
+    def upcycles(self) -> dict[int, UpcycleMLP]:
+        return {op.layer: op for op in self.ops.values() if isinstance(op, UpcycleMLP)}
 
     @property
     def bytes_in(self) -> int:
@@ -97,7 +79,7 @@ def plan_conversion(reader: CheckpointReader, recipe: UpcycleConfig | None, wher
     inputs = reader.tensors()
     if recipe is None:
         check_tensors(inputs, dense, where)
-        return Plan(dense, dense, None, dict(inputs), dict(inputs))
+        return Plan(dense, dense, None, dict(inputs), dict(inputs), {n: Copy(n) for n in inputs})
     moe = moe_config(dense, recipe)  # raises for MoE inputs and invalid recipes
     check_tensors(inputs, dense, where)
     outputs = {}
@@ -107,25 +89,58 @@ def plan_conversion(reader: CheckpointReader, recipe: UpcycleConfig | None, wher
         else:  # router / experts: the dtype of the dense MLP they come from
             fc1 = name.split("mlp.")[0] + "mlp.linear_fc1.weight"
             outputs[name] = TensorInfo(shape, inputs[fc1].dtype)
-    return Plan(dense, moe, recipe, dict(inputs), outputs)
+    return Plan(dense, moe, recipe, dict(inputs), outputs, _operations(inputs, outputs))
+
+
+def _operations(inputs: dict[str, TensorInfo], outputs: dict[str, TensorInfo]) -> dict[str, Op]:
+    """What the input holds is copied; the rest of a layer (router, experts) is its upcycled MLP."""
+    ops: dict[str, Op] = {n: Copy(n) for n in outputs if n in inputs}
+    new: dict[int, list[str]] = {}
+    for name in outputs:
+        if name not in inputs:
+            new.setdefault(layer_index(name), []).append(name)
+    for i, names in new.items():
+        ops.update(dict.fromkeys(names, UpcycleMLP(i, tuple(names))))
+    return {n: ops[n] for n in outputs}
 
 
 # ---- execute ------------------------------------------------------------------------------------------------
 
+def check_one_layer_at_a_time(order: list[str], writer: str) -> None:
+    """Refuse a fetch order that comes back to a layer it has left: the executor holds one layer at a time."""
+    done: set[int] = set()
+    current = None
+    for name in order:
+        i = layer_index(name)
+        if i is not None and i != current:
+            if i in done:
+                raise UpcycleError(f"the {writer} writer fetches layer {i} again after leaving it ({name}): "
+                                   "it must take one layer at a time")
+            if current is not None:
+                done.add(current)
+            current = i
+
+
 class LayerStream:
-    """Hands out output tensors one at a time, computing a whole layer when its first tensor is asked for."""
+    """The executor: hands out output tensors one at a time, reading a whole layer and running its operations
+    when its first tensor is asked for. Given the writer's declared `order`, every fetch is checked against it."""
 
     def __init__(self, reader: CheckpointReader, plan: Plan, progress=None,
-                 router_directions: dict[int, torch.Tensor] | None = None):
+                 router_directions: dict[int, torch.Tensor] | None = None, order: list[str] | None = None):
         self.reader, self.plan, self.progress = reader, plan, progress
         if router_directions is None and plan.recipe is not None:
             router_directions = directions_from_reader(reader, plan.recipe)
         self.router_directions = router_directions or {}
-        self.pattern = plan.moe.moe_layer_pattern()
+        self.upcycles = plan.upcycles()
+        self.order = iter(order) if order is not None else None
         self.layer: int | None = None
         self.cache: dict[str, torch.Tensor] = {}
 
     def fetch(self, name: str) -> torch.Tensor:
+        if self.order is not None:
+            expected = next(self.order, None)
+            if name != expected:
+                raise UpcycleError(f"the writer fetched {name} where its declared order has {expected}")
         i = layer_index(name)
         if i is None:
             return self.reader.read([name])[name]
@@ -137,7 +152,7 @@ class LayerStream:
         self.cache.clear()
         prefix = f"decoder.layers.{i}."
         tensors = self.reader.read(self.reader.layer_names(i))
-        if self.pattern[i] and self.plan.recipe is not None:
+        if i in self.upcycles:
             mlp = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k[len(prefix):] in DENSE_MLP_KEYS}
             new = upcycle_layer_mlp(mlp, self.plan.dense, self.plan.recipe, i, self.router_directions.get(i))
             tensors.update({prefix + k: v for k, v in new.items()})
@@ -199,7 +214,7 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
     `verify_text` (default: the bundled held-out sample) and `verify_threshold` (largest relative loss gap, default
     0.1%) are what the verification measures the function on and fails above.
     `hf_arch`, `max_shard_size`: the architecture and shard size of a Hugging Face output (`output_format` hf);
-    `target_engine`: refuse an hf export that engine would compute differently (models.hf.engine_problem);
+    `target_engine`: refuse an hf export that engine would compute differently (checkpoint.hf_keys.engine_problem);
     `gguf_dtype`: what a GGUF input is dequantised to."""
     from tqdm import tqdm
 
@@ -209,13 +224,15 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
     check_output_path(output_path, overwrite)
     with open_checkpoint(input_path, input_format, model_config, gguf_dtype) as reader:
         plan = plan_conversion(reader, recipe, str(input_path))
-        check_output_format(output_format, plan.moe, hf_arch, target_engine)
-        writer = make_writer(output_format, output_path, overwrite, pack, hf_arch, max_shard_size)
+        writer = make_writer(output_format, output_path, overwrite, pack, hf_arch, max_shard_size, target_engine)
+        writer.check(plan.moe)
+        order = writer.fetch_order(plan.moe, plan.outputs)
+        check_one_layer_at_a_time(order, writer.name)
         check_free_disk(output_path, plan.bytes_out + writer.overhead_bytes(plan.outputs))
         directions = directions_from_reader(reader, recipe) if recipe is not None else None
         bar = tqdm(total=plan.dense.num_layers, unit="layer", desc="upcycling", disable=not progress)
-        stream = LayerStream(reader, plan, bar, directions)
-        writer.write(plan.moe, plan.outputs, stream.fetch, reader)
+        stream = LayerStream(reader, plan, bar, directions, order)
+        writer.write(plan.moe, plan.outputs, stream.fetch, reader.meta())
         bar.close()
         seconds = time.perf_counter() - start
         summary = Summary(plan, seconds, peak_rss_bytes(), output_path)
@@ -267,7 +284,7 @@ def _verify(reader: CheckpointReader, output_path: Path, recipe: UpcycleConfig |
     return result
 
 
-def _model_config(path: Path | str | None) -> dict[str, Any] | None:
+def load_model_config(path: Path | str | None) -> dict[str, Any] | None:
     if path is None:
         return None
     if not Path(path).is_file():
@@ -287,169 +304,5 @@ def convert_from_config(cfg: dict[str, Any]) -> Summary:
         raise UpcycleError(f"recipe must be a mapping of recipe options (or null: format only), got {recipe!r}")
     return convert(cfg["input"], cfg["output"], None if recipe is None else UpcycleConfig.from_dict(recipe),
                    cfg.get("output_format", "nemo"), cfg.get("input_format", "auto"), cfg.get("pack", True),
-                   cfg.get("overwrite", False), _model_config(cfg.get("model_config")), cfg.get("verify"),
+                   cfg.get("overwrite", False), load_model_config(cfg.get("model_config")), cfg.get("verify"),
                    hf_arch=cfg.get("hf_arch"), max_shard_size=cfg.get("max_shard_size"))
-
-
-# ---- command line -------------------------------------------------------------------------------------------
-
-_RECIPE_OPTIONS = ("expansion", "granularity", "topk", "num_experts", "router", "scaling_method", "router_init",
-                   "router_init_std", "seed", "layer_freq", "drop_ratio", "aux_loss_coeff", "z_loss_coeff",
-                   "topk_scaling_factor", "layers", "weight_scaling")
-
-
-def recipe_from_args(args: argparse.Namespace) -> UpcycleConfig | None:
-    if args.recipe == "none":
-        given = [k for k in _RECIPE_OPTIONS if getattr(args, k) is not None]
-        given += ["shared_expert"] if args.shared_expert else []
-        if given:
-            raise UpcycleError(f"--recipe none converts the format only: drop --{given[0].replace('_', '-')}")
-        return None
-    values: dict[str, Any] = {}
-    if args.recipe:
-        e, g, t = _shorthand(args.recipe)
-        values.update(expansion=e, granularity=g, topk=t)
-    for key in ("expansion", "granularity", "topk"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    if args.num_experts is not None:
-        g = values.get("granularity", 1)
-        if g < 1 or args.num_experts < 1:
-            raise UpcycleError(f"--num-experts {args.num_experts} and granularity {g} must be positive integers")
-        if args.num_experts % g:
-            raise UpcycleError(f"--num-experts {args.num_experts} is not a multiple of granularity {g}")
-        values["expansion"] = args.num_experts // g
-    for key in ("router", "scaling_method", "router_init", "router_init_std", "seed", "layer_freq", "drop_ratio",
-                "aux_loss_coeff", "z_loss_coeff", "topk_scaling_factor"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    if args.layers:
-        values["layers"] = _layer_list(args.layers)
-    if args.weight_scaling is not None:
-        ws = args.weight_scaling
-        values["weight_scaling"] = ws if ws in ("auto", "off") else _float(ws, "--weight-scaling")
-    if args.shared_expert:
-        values["shared_expert"] = True
-    return UpcycleConfig(**values)
-
-
-def _layer_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise UpcycleError(f"--layers must be comma-separated 0-based layer indices, e.g. 0,2,4; got '{text}'") from None
-
-
-def _shorthand(text: str) -> tuple[int, int, int]:
-    r = UpcycleConfig.from_shorthand(text, router_init="random")
-    return r.expansion, r.granularity, r.topk
-
-
-def _float(text: str, flag: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise UpcycleError(f"{flag} must be 'auto', 'off' or a number, got '{text}'")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="dense checkpoint: .nemo file or directory, Megatron torch_dist directory "
-                                 "(iter_XXXXXXX/ or its parent), or Hugging Face folder")
-    p.add_argument("output", help="where to write the upcycled checkpoint (must not exist unless --overwrite)")
-    r = p.add_argument_group("recipe (the paper's notation: E expansion, G granularity, T top-k)")
-    r.add_argument("--recipe", help="shorthand E<E>G<G>T<T>, e.g. E8G8T8 (64 experts of 1/8 size, top-8) "
-                                    "or E8G1T2 (8 full-size experts, top-2); default E8G1T2; 'none': convert the "
-                                    "format only (e.g. an exported Hugging Face MoE back to .nemo)")
-    r.add_argument("--expansion", type=int, help="E: MoE MLP parameters / dense MLP parameters")
-    r.add_argument("--granularity", type=int, help="G: dense ffn_hidden_size / expert ffn_hidden_size")
-    r.add_argument("--topk", type=int, help="T: experts per token")
-    r.add_argument("--num-experts", type=int, help="E*G; sets E from G (alternative to --expansion)")
-    r.add_argument("--router", choices=ROUTER_TYPES, help="routing: softmax_then_topk (default, the paper's), "
-                   "topk_then_softmax (Mixtral's), sigmoid")
-    r.add_argument("--weight-scaling", help="'auto' (default: keeps the step-0 output), 'off', or a factor")
-    r.add_argument("--scaling-method", choices=SCALING_METHODS,
-                   help="how the factor is spread over expert weights: homogeneous (default, exact for every "
-                        "activation), megatron (Megatron-LM's exponents), fc2 (all on fc2)")
-    r.add_argument("--router-init", choices=ROUTER_INITS,
-                   help="calibrated (default): virtual groups ordered along the dense model's mean hidden state, "
-                        "no ties and routed weights summing to ~1 on real models; virtual_group: the paper's random "
-                        "group rows (the old default); random: independent random rows")
-    r.add_argument("--router-init-std", type=float,
-                   help="std of virtual_group / random router rows (default: the model's init_method_std)")
-    r.add_argument("--seed", type=int, help="seed for router rows and Drop-Upcycling (default 1234)")
-    r.add_argument("--layers", help="comma-separated 0-based layers to upcycle (default: all)")
-    r.add_argument("--layer-freq", type=int, help="upcycle every k-th layer (0, k, 2k, ...)")
-    r.add_argument("--drop-ratio", type=float, help="Drop-Upcycling: re-initialise this fraction of each "
-                                                    "expert's neurons (default 0)")
-    r.add_argument("--aux-loss-coeff", type=float, help="load-balancing loss coefficient written to the config "
-                                                        "(default 1e-2)")
-    r.add_argument("--z-loss-coeff", type=float, help="router z-loss coefficient (default none)")
-    r.add_argument("--topk-scaling-factor", type=float, help="Megatron's moe_router_topk_scaling_factor")
-    r.add_argument("--shared-expert", action="store_true",
-                   help="Qwen-MoE style: keep the dense MLP whole as a shared expert (zero-initialised sigmoid gate, "
-                        "1/2 at step 0) with the routed experts scaled to the other half")
-    o = p.add_argument_group("input and output")
-    o.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="nemo",
-                   help="nemo: .nemo for NeMo (default); megatron: torch_dist directory for Megatron-LM / "
-                        "Megatron-Bridge, with megatron_args.txt; hf: Hugging Face MoE folder (transformers, "
-                        "vLLM, SGLang), with --hf-arch")
-    o.add_argument("--hf-arch", choices=HF_ARCHS,
-                   help="Hugging Face MoE architecture for --format hf: mixtral (topK-then-softmax only), "
-                        "qwen2_moe (either router, shared expert, q/k/v biases), qwen3_moe (qk-norm models)")
-    o.add_argument("--target-engine", choices=ENGINES,
-                   help="refuse an --format hf export this serving engine would compute differently from our model "
-                        "(vllm: every export is exact; llama.cpp: fixed top-k renormalisation per architecture, "
-                        "no Qwen3-MoE dense layers; sglang: no Qwen2-MoE dense layers)")
-    o.add_argument("--max-shard-size", default=None,
-                   help="largest safetensors shard for --format hf, e.g. 5GB (default), 500MB, 2GiB")
-    o.add_argument("--input-format", choices=INPUT_FORMATS, default="auto", help="default: detected")
-    o.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="write the .nemo as a directory instead of a tar")
-    o.add_argument("--model-config", type=Path,
-                   help="YAML with NeMo model_config fields, for Megatron checkpoints without saved args")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    o.add_argument("--dry-run", action="store_true", help="print the plan (tensors, shapes, sizes); write nothing")
-    o.add_argument("--verify", nargs="?", const=0, type=int, metavar="LAYERS",
-                   help="after writing, run input and output through the reference model (all layers, or the "
-                        "first LAYERS) on held-out text: loss gap, top-1 agreement, greedy continuations; fail "
-                        "(exit 1, naming the cause) above --verify-threshold; check the recipe identity per layer "
-                        "and hash every expert tensor against the recipe (written to OUTPUT.checksums.json)")
-    o.add_argument("--verify-data", type=Path, metavar="TEXT_FILE",
-                   help="UTF-8 text --verify measures the function on (default: a bundled English sample)")
-    o.add_argument("--verify-threshold", type=float, metavar="FRACTION",
-                   help="largest relative held-out loss gap --verify passes (default 0.001 = 0.1%%)")
-    o.add_argument("--gguf-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="what a GGUF input's (quantised) tensors are dequantised to (default bfloat16)")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    recipe = recipe_from_args(args)
-    check_options(args.output_format, args.input_format, args.pack, args.overwrite, args.verify, args.hf_arch,
-                  args.max_shard_size)
-    model_config = _model_config(args.model_config)
-    if args.dry_run:
-        with open_checkpoint(args.input, args.input_format, model_config, getattr(torch, args.gguf_dtype)) as reader:
-            plan = plan_conversion(reader, recipe, str(args.input))
-            check_output_format(args.output_format, plan.moe, args.hf_arch, args.target_engine)
-        rows = [[n, "x".join(map(str, t.shape)), str(t.dtype).replace("torch.", ""), f"{t.nbytes / 1e6:.2f}"]
-                for n, t in plan.outputs.items()]
-        print(markdown_table(["tensor", "shape", "dtype", "MB"], rows))
-        print(f"\n{len(rows)} tensors, {human_count(Plan.params(plan.outputs))} parameters, "
-              f"{plan.bytes_out / 1e9:.3f} GB to write as {args.output_format} to {args.output}")
-        return 0
-    verify_text = None
-    if args.verify_data is not None:
-        if not args.verify_data.is_file():
-            raise UpcycleError(f"--verify-data {args.verify_data} is not a file: pass a UTF-8 text file")
-        verify_text = args.verify_data.read_text(encoding="utf-8", errors="replace")
-    summary = convert(args.input, args.output, recipe, args.output_format, args.input_format, args.pack,
-                      args.overwrite, model_config, args.verify, progress=not args.quiet, hf_arch=args.hf_arch,
-                      max_shard_size=args.max_shard_size, target_engine=args.target_engine,
-                      verify_text=verify_text, verify_threshold=args.verify_threshold,
-                      gguf_dtype=getattr(torch, args.gguf_dtype))
-    print(summary.table())
-    if summary.verify and str(summary.verify.get("status", "")).startswith("FAILED"):
-        print(f"error: verification {summary.verify['status']}")
-        return 1
-    return 0

@@ -63,7 +63,8 @@ def upcycle_both_ways(dense_cfg, workdir: Path) -> dict:
     from nemo_upcycle.checkpoint import open_checkpoint
     from nemo_upcycle.checkpoint.nemo import NemoWriter
     from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
-    from nemo_upcycle.convert import convert, expected_shapes
+    from nemo_upcycle.convert import convert
+    from nemo_upcycle.models.manifest import expected_shapes
     from nemo_upcycle.models.keys import stack_experts
     from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
 
@@ -75,7 +76,7 @@ def upcycle_both_ways(dense_cfg, workdir: Path) -> dict:
     ckpt = InMemoryCheckpoint(dense_cfg, dense, {"tokenizer": None})
     src = workdir / "dense.nemo"
     start = time.perf_counter()
-    NemoWriter(src, overwrite=True).write(dense_cfg, ckpt.tensors(), lambda n: dense[n], ckpt)
+    NemoWriter(src, overwrite=True).write(dense_cfg, ckpt.tensors(), lambda n: dense[n], ckpt.meta())
     log(f"  wrote dense .nemo: {src.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
     out = {"dense": (dense_cfg, dense)}
     for name in ("E8G1T2", "E8G8T8"):

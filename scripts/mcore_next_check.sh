@@ -14,5 +14,5 @@ if [ ! -d "$site/megatron" ]; then
 fi
 cd "$repo"
 PYTHONPATH="$site:$repo" "$python" -c "import megatron.core; print('megatron-core', megatron.core.__version__)"
-PYTHONPATH="$site:$repo" exec "$python" -m pytest -q -p no:cacheprovider tests/test_megatron_specs.py \
-    tests/test_megatron_args.py tests/test_convert.py "$@"
+PYTHONPATH="$site:$repo" exec "$python" -m pytest -q -p no:cacheprovider tests/unit/test_megatron_specs.py \
+    tests/equivalence/test_megatron_args.py tests/integration/test_convert.py "$@"

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, Tokenizer, model_order
+from nemo_upcycle.checkpoint import hf_keys as hf_names
+from nemo_upcycle.checkpoint.base import CheckpointReader, ReadOptions, TensorInfo, model_order
+from nemo_upcycle.data.tokenizers import TokenizerSpec
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.models import hf as hf_names
 from nemo_upcycle.models.keys import layer_index
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,6 +78,16 @@ def unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class GGUFReader(CheckpointReader):
+    name = "gguf"
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() == ".gguf"
+
+    @classmethod
+    def open(cls, path: Path, options: ReadOptions) -> "GGUFReader":
+        return cls(path, options.gguf_dtype)
+
     def __init__(self, path: Path | str, dtype: torch.dtype = torch.bfloat16):
         try:
             import gguf
@@ -208,7 +219,7 @@ class GGUFReader(CheckpointReader):
         return {n: out[n] for n in names}
 
     # ---- tokenizer --------------------------------------------------------------------------------------
-    def _read_tokenizer(self) -> tuple[Tokenizer | None, dict[str, Path]]:
+    def _read_tokenizer(self) -> tuple[TokenizerSpec | None, dict[str, Path]]:
         """transformers' tokenizer for this GGUF file, saved as a Hugging Face folder that lives until close()."""
         from transformers import AutoTokenizer
 

@@ -3,7 +3,7 @@
 Dense Llama, Mistral, Qwen2, Qwen3 and Nemotron models, and the MoE Mixtral, Qwen2-MoE and Qwen3-MoE (experts
 one tensor each as `save_pretrained` writes them, or fused as transformers 5 holds them in memory). Tensors come
 from `safetensors.safe_open` (one tensor at a time); shapes are known from the headers before anything is read.
-Names and configs are mapped to Megatron's by `nemo_upcycle.models.hf`, one literal table per family.
+Names and configs are mapped to Megatron's by `nemo_upcycle.checkpoint.hf_keys`, one literal table per family.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any, Callable
 
 import torch
 
-from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, Tokenizer, model_order
-from nemo_upcycle.data.tokenizers import HF_TOKENIZER_ARTIFACTS
+from nemo_upcycle.checkpoint import hf_keys as hf_names
+from nemo_upcycle.checkpoint.base import CheckpointReader, SourceMeta, TensorInfo, model_order
+from nemo_upcycle.checkpoint.megatron import is_megatron_dir
+from nemo_upcycle.data.tokenizers import HF_TOKENIZER_ARTIFACTS, TokenizerSpec
 from nemo_upcycle.errors import UpcycleError, bad_file
-from nemo_upcycle.models import hf as hf_names
 from nemo_upcycle.models.keys import layer_index
 
 # Files a Hugging Face export carries over from its source folder (tokenizer and generation defaults).
@@ -29,7 +30,7 @@ CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def packed_hf_tokenizer(folder: Path, name: str | None = None) -> Tokenizer:
+def packed_hf_tokenizer(folder: Path, name: str | None = None) -> TokenizerSpec:
     """A Hugging Face tokenizer folder as a NeMo tokenizer whose files travel as `nemo:` artifacts, so the
     output never needs `folder` again (`name`: the tokenizer's `type`, default the folder's name)."""
     config: dict[str, Any] = {"library": "huggingface", "type": name or folder.name, "use_fast": True}
@@ -38,10 +39,21 @@ def packed_hf_tokenizer(folder: Path, name: str | None = None) -> Tokenizer:
         if (folder / filename).is_file():
             artifact = f"{uuid.uuid4().hex}_{filename}"
             config[key], artifacts[artifact] = f"nemo:{artifact}", (folder / filename).read_bytes()
-    return Tokenizer(config, artifacts)
+    return TokenizerSpec(config, artifacts)
 
 
 class HFReader(CheckpointReader):
+    name = "hf"
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        """A folder with a config.json that is neither a Megatron nor an extracted .nemo directory."""
+        return (path.is_dir() and (path / "config.json").is_file() and not is_megatron_dir(path)
+                and not (path / "model_config.yaml").is_file())
+
+    def meta(self) -> SourceMeta:
+        return SourceMeta(self.name, self.source_config, self.tokenizer, dict(self.carried_files))
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
         config_file = self.path / "config.json"
@@ -170,11 +182,11 @@ class HFReader(CheckpointReader):
             )
         return model_order(infos)
 
-    def _read_tokenizer(self) -> Tokenizer | None:
+    def _read_tokenizer(self) -> TokenizerSpec | None:
         spm = self.path / "tokenizer.model"
         if spm.is_file():
             name = f"{uuid.uuid4().hex}_tokenizer.model"
-            return Tokenizer({"library": "sentencepiece", "type": None, "model": f"nemo:{name}",
+            return TokenizerSpec({"library": "sentencepiece", "type": None, "model": f"nemo:{name}",
                               "vocab_file": None, "merge_file": None, "delimiter": None,
                               "sentencepiece_legacy": False}, {name: spm.read_bytes()})
         if (self.path / "tokenizer.json").is_file():

@@ -9,7 +9,7 @@ tokenizer files.
 Every tensor's name, shape and dtype follow from the plan before anything is read, so each shard's safetensors
 header is written first and tensor bytes are appended the moment they are computed: memory stays at about one
 layer however large the shards are. What the target cannot represent exactly is refused first
-(`models.hf.check_hf_target`).
+(`HFExportWriter.problem`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
+from nemo_upcycle.checkpoint import hf_keys as hf_names
 from nemo_upcycle.checkpoint.archive import atomic_output
-from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, Fetch, TensorInfo, model_order
+from nemo_upcycle.checkpoint.base import CheckpointWriter, Fetch, SourceMeta, TensorInfo, WriteOptions, model_order
 from nemo_upcycle.checkpoint.hf import CARRIED_FILES, HFReader
 from nemo_upcycle.data.tokenizers import packed_hf_files
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.models import hf as hf_names
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index
 
@@ -103,12 +103,29 @@ class ShardedSafetensors:
 class HFExportWriter(CheckpointWriter):
     """A Hugging Face MoE folder of architecture `arch` (mixtral, qwen2_moe, qwen3_moe)."""
 
+    name = "hf"
+
     def __init__(self, path: Path, overwrite: bool = False, arch: str = "qwen2_moe",
-                 max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE):
+                 max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, target_engine: str | None = None):
         super().__init__(path, overwrite)
         if arch not in HF_ARCHS:
             raise UpcycleError(f"unknown Hugging Face architecture '{arch}': use one of {', '.join(HF_ARCHS)}")
-        self.arch, self.max_shard_bytes = arch, parse_size(max_shard_size)
+        self.arch, self.max_shard_bytes, self.target_engine = arch, parse_size(max_shard_size), target_engine
+
+    @classmethod
+    def create(cls, path: Path, options: WriteOptions) -> "HFExportWriter":
+        if options.hf_arch is None:
+            raise UpcycleError(f"output_format=hf needs hf_arch: one of {', '.join(HF_ARCHS)}")
+        return cls(path, options.overwrite, options.hf_arch, options.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                   options.target_engine)
+
+    def problem(self, config: GPTConfig) -> str | None:
+        """What `arch` cannot represent exactly, or what `target_engine` would compute differently."""
+        problem = hf_names.hf_arch_problem(config, self.arch)
+        if problem is None and self.target_engine:
+            engine = hf_names.engine_problem(config, self.arch, self.target_engine)
+            problem = engine and f"target_engine={self.target_engine} hf_arch={self.arch}: {engine}"
+        return problem
 
     def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:
         """Qwen2-MoE's stand-in shared expert (at most 1.5 experts' fc1 per layer), plus config and tokenizer."""
@@ -137,6 +154,9 @@ class HFExportWriter(CheckpointWriter):
         prefix = f"decoder.layers.{i}."
         return hf_names.moe_layer_to_hf({k[len(prefix):]: v for k, v in tensors.items()}, i, config, self.arch)
 
+    def fetch_order(self, config: GPTConfig, tensors: dict[str, TensorInfo]) -> list[str]:
+        return [name for _, names in self._units(tensors) for name in names]
+
     def hf_tensors(self, config: GPTConfig, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
         """Every tensor the folder will hold, in file order, from the plan alone (meta tensors, nothing read)."""
         out = {}
@@ -145,8 +165,7 @@ class HFExportWriter(CheckpointWriter):
             out.update({k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._to_hf(config, i, meta).items()})
         return out
 
-    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
-              source: CheckpointReader) -> None:
+    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch, source: SourceMeta) -> None:
         hf_config = hf_names.hf_moe_config(config, self.arch)  # refuses before anything is read
         dtype = str(tensors["embedding.word_embeddings.weight"].dtype).removeprefix("torch.")
         special = special_token_ids(source)
@@ -172,12 +191,12 @@ class HFExportWriter(CheckpointWriter):
                 (out / name).write_bytes(data)
 
 
-def special_token_ids(source: CheckpointReader) -> dict[str, Any]:
+def special_token_ids(source: SourceMeta) -> dict[str, Any]:
     """bos/eos/pad ids for config.json and generation_config.json: the source's own, or the SentencePiece
     model's; none when unknown."""
-    if isinstance(source, HFReader):
-        return {k: source.source_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if source.source_config.get(k) is not None}
+    if source.format == HFReader.name:
+        return {k: source.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if source.config.get(k) is not None}
     sp = _sentencepiece(source)
     if sp is None:
         return {}
@@ -185,13 +204,13 @@ def special_token_ids(source: CheckpointReader) -> dict[str, Any]:
     return {k: v for k, v in ids.items() if v >= 0}
 
 
-def tokenizer_files(source: CheckpointReader) -> dict[str, bytes]:
+def tokenizer_files(source: SourceMeta) -> dict[str, bytes]:
     """The tokenizer files the export carries: a Hugging Face source's own (and its generation_config.json);
     a SentencePiece model (.nemo, Megatron) as tokenizer.model with a LlamaTokenizer tokenizer_config.json;
     a .nemo's Hugging Face tokenizer files (its artifacts, or an older .nemo's local folder). Nothing otherwise
     (serve with --tokenizer)."""
-    if isinstance(source, HFReader):
-        return {name: path.read_bytes() for name, path in source.carried_files.items()}
+    if source.format == HFReader.name:
+        return {name: path.read_bytes() for name, path in source.extra_files.items()}
     tok = source.tokenizer
     if tok is None:
         return {}
@@ -215,7 +234,7 @@ def tokenizer_files(source: CheckpointReader) -> dict[str, bytes]:
     return {}
 
 
-def _sentencepiece(source: CheckpointReader):
+def _sentencepiece(source: SourceMeta):
     """The source's SentencePiece model (from the .nemo artifact or a local path), or None."""
     tok = source.tokenizer
     if tok is None or tok.config.get("library") != "sentencepiece":

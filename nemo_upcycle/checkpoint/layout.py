@@ -18,11 +18,17 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from nemo_upcycle.checkpoint.archive import TarWriter
+from nemo_upcycle.checkpoint.base import Fetch
+from nemo_upcycle.checkpoint.torch_dist import BytesItem, Chunk, write_dist_checkpoint
 from nemo_upcycle.models.config import GPTConfig
-from nemo_upcycle.models.keys import local_to_te_key, te_to_local_key
+from nemo_upcycle.models.keys import layer_index, local_to_te_key, te_to_local_key
+from nemo_upcycle.models.manifest import TensorInfo
 
 # Modules whose Megatron checkpoints carry an `_extra_state` object (Transformer Engine's FP8 metadata).
 _EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
@@ -105,3 +111,47 @@ def empty_extra_state() -> bytes:
     buf = io.BytesIO()
     torch.save([None], buf)
     return buf.getvalue()
+
+
+# ---- the torch_dist layout of a whole model -------------------------------------------------------------
+
+def dist_fetch_order(tensors: dict[str, TensorInfo]) -> list[str]:
+    """The order `write_megatron_dist` fetches tensors in: the global ones, then layer by layer, each layer in
+    the order given (its chunks are written grouped so)."""
+    return sorted(tensors, key=lambda name: -1 if layer_index(name) is None else layer_index(name))
+
+
+def write_megatron_dist(path: Path | str, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
+                        prefix: str, tar: TarWriter | None = None, common: dict | None = None) -> None:
+    """Write every tensor of `tensors` (canonical names) as Megatron stores it: TE-spec keys, layers stacked
+    when homogeneous, one chunk per layer (and per expert), `_extra_state` objects where TE expects them.
+
+    Each tensor is fetched once, when its first chunk is written, and dropped after its last one."""
+    items: list[Chunk | BytesItem] = []
+    source: dict[tuple[str, tuple[int, ...]], tuple[str, int | None]] = {}  # chunk -> (name, expert)
+    for name, info in tensors.items():
+        key = dist_key(name, config, prefix)
+        layer = layer_index(name)
+        global_shape = ((config.num_layers,) if key.index else ()) + info.shape
+        experts = range(info.shape[0]) if ".mlp.experts.experts." in key.fqn else [None]
+        for e in experts:
+            index = key.index + (() if e is None else (e,))
+            offsets = index + (0,) * (len(global_shape) - len(index))
+            sizes = (1,) * len(index) + info.shape[len(index) - len(key.index):]
+            items.append(Chunk(key.fqn, global_shape, info.dtype, offsets, sizes, -1 if layer is None else layer))
+            source[(key.fqn, offsets)] = (name, e)
+    extra = empty_extra_state()
+    items += [BytesItem(fqn, extra, layer) for fqn, layer in extra_state_keys(config, prefix)]
+    items.sort(key=lambda item: item.group)  # stable: model order within each layer
+
+    current: dict[str, Any] = {"name": None, "tensor": None}
+
+    def produce(chunk: Chunk) -> torch.Tensor:
+        name, expert = source[(chunk.fqn, chunk.offsets)]
+        if current["name"] != name:
+            current["name"], current["tensor"] = name, None  # drop the previous tensor first
+            current["tensor"] = fetch(name)
+        tensor = current["tensor"] if expert is None else current["tensor"][expert]
+        return tensor.reshape(chunk.sizes)
+
+    write_dist_checkpoint(path, items, produce, common=common, tar=tar)

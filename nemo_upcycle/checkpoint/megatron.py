@@ -1,5 +1,5 @@
 """Megatron-LM / Megatron-Bridge torch_dist checkpoints: read (any iteration directory) and write (with the
-matching command-line flags), and the torch_dist tensor layout shared with `.nemo` outputs.
+matching command-line flags).
 
 Layout written for Megatron-LM and Megatron-Bridge:
     OUT/latest_checkpointed_iteration.txt      "0"
@@ -19,55 +19,18 @@ from typing import Any
 import torch
 import yaml
 
-from nemo_upcycle.checkpoint.archive import TarWriter, atomic_output, load_yaml_mapping
-from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, Fetch, TensorInfo, model_order
-from nemo_upcycle.checkpoint.layout import canonical_names, dist_key, empty_extra_state, extra_state_keys
+from nemo_upcycle.activations import activation_name
+from nemo_upcycle.checkpoint.archive import atomic_output, load_yaml_mapping
+from nemo_upcycle.checkpoint.base import (
+    CheckpointReader, CheckpointWriter, Fetch, ReadOptions, SourceMeta, TensorInfo, model_order, refusal)
+from nemo_upcycle.checkpoint.layout import canonical_names, dist_fetch_order, write_megatron_dist
 from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt
-from nemo_upcycle.checkpoint.torch_dist import BytesItem, Chunk, DistCheckpointReader, write_dist_checkpoint
+from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
 from nemo_upcycle.errors import UpcycleError, bad_file
 from nemo_upcycle.models.config import GPTConfig
-from nemo_upcycle.models.keys import layer_index
 from nemo_upcycle.models.megatron import rope_arguments
 
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-# ---- the torch_dist layout of a whole model -------------------------------------------------------------
-
-def write_megatron_dist(path: Path | str, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
-                        prefix: str, tar: TarWriter | None = None, common: dict | None = None) -> None:
-    """Write every tensor of `tensors` (canonical names) as Megatron stores it: TE-spec keys, layers stacked
-    when homogeneous, one chunk per layer (and per expert), `_extra_state` objects where TE expects them.
-
-    Each tensor is fetched once, when its first chunk is written, and dropped after its last one."""
-    items: list[Chunk | BytesItem] = []
-    source: dict[tuple[str, tuple[int, ...]], tuple[str, int | None]] = {}  # chunk -> (name, expert)
-    for name, info in tensors.items():
-        key = dist_key(name, config, prefix)
-        layer = layer_index(name)
-        global_shape = ((config.num_layers,) if key.index else ()) + info.shape
-        experts = range(info.shape[0]) if ".mlp.experts.experts." in key.fqn else [None]
-        for e in experts:
-            index = key.index + (() if e is None else (e,))
-            offsets = index + (0,) * (len(global_shape) - len(index))
-            sizes = (1,) * len(index) + info.shape[len(index) - len(key.index):]
-            items.append(Chunk(key.fqn, global_shape, info.dtype, offsets, sizes, -1 if layer is None else layer))
-            source[(key.fqn, offsets)] = (name, e)
-    extra = empty_extra_state()
-    items += [BytesItem(fqn, extra, layer) for fqn, layer in extra_state_keys(config, prefix)]
-    items.sort(key=lambda item: item.group)  # stable: model order within each layer
-
-    current: dict[str, Any] = {"name": None, "tensor": None}
-
-    def produce(chunk: Chunk) -> torch.Tensor:
-        name, expert = source[(chunk.fqn, chunk.offsets)]
-        if current["name"] != name:
-            current["name"], current["tensor"] = name, None  # drop the previous tensor first
-            current["tensor"] = fetch(name)
-        tensor = current["tensor"] if expert is None else current["tensor"][expert]
-        return tensor.reshape(chunk.sizes)
-
-    write_dist_checkpoint(path, items, produce, common=common, tar=tar)
 
 
 # ---- model config from a Megatron checkpoint ------------------------------------------------------------
@@ -127,8 +90,7 @@ def gpt_config_from_transformer_config(model: dict[str, Any], vocab_size: int) -
                      if isinstance(model.get("activation_func"), dict) else model.get("activation_func", "gelu"))
     act_name = act_target.rsplit(".", 1)[-1]
     gated = bool(model.get("gated_linear_unit", False))
-    activation = {("squared_relu", False): "squared-relu", ("silu", True): "swiglu", ("gelu", True): "geglu",
-                  ("relu", True): "reglu"}.get((act_name, gated), act_name)
+    activation = activation_name(act_name, gated) or act_name  # GPTConfig refuses what has no name
     norm = "rmsnorm" if model.get("normalization", "LayerNorm") == "RMSNorm" else "layernorm"
     if model.get("layernorm_zero_centered_gamma") and norm == "layernorm":
         norm = "layernorm1p"
@@ -173,8 +135,22 @@ def resolve_iteration_dir(path: Path) -> Path:
     raise UpcycleError(f"{path} is not a Megatron torch_dist checkpoint (no .metadata, {TRACKER} or iter_*/)")
 
 
+def is_megatron_dir(path: Path) -> bool:
+    """A torch_dist directory, or a Megatron save folder (tracker file or iter_*/); .nemo directories have
+    neither at their top, but a folder this project writes also holds a model_config.yaml."""
+    markers = (".metadata", TRACKER)
+    return path.is_dir() and (any((path / m).is_file() for m in markers) or any(path.glob("iter_*")))
+
+
 class MegatronReader(CheckpointReader):
     """A Megatron-LM or Megatron-Bridge torch_dist checkpoint (keys without a prefix, or NeMo's `model.`)."""
+
+    name = "megatron"
+    detect = staticmethod(is_megatron_dir)
+
+    @classmethod
+    def open(cls, path: Path, options: ReadOptions) -> "MegatronReader":
+        return cls(path, options.model_config)
 
     def __init__(self, path: Path | str, model_config: dict[str, Any] | None = None):
         self.path = resolve_iteration_dir(Path(path))
@@ -214,12 +190,12 @@ class MegatronReader(CheckpointReader):
         args = _load_args(self.path / "common.pt")
         if args is not None:
             with bad_file(self.path / "common.pt", "holds saved args of the wrong type",
-                          "pass --model-config CONFIG.yaml instead"):
+                          "pass model_config=CONFIG.yaml instead"):
                 cfg = gpt_config_from_megatron_args(args, vocab)
                 return cfg, nemo_config_from_gpt(cfg)
         raise UpcycleError(
             f"no model config found with {self.path} (no run_config.yaml, no args in common.pt): pass "
-            "--model-config CONFIG.yaml (NeMo model_config.yaml fields)"
+            "model_config=CONFIG.yaml (NeMo model_config.yaml fields)"
         )
 
     def tensors(self) -> dict[str, TensorInfo]:
@@ -265,7 +241,7 @@ def megatron_args(cfg: GPTConfig) -> list[str]:
         factor = rope["seq_len_interpolation_factor"]
         if factor != int(factor):
             raise UpcycleError(f"Megatron-LM takes an integer --rotary-seq-len-interpolation-factor, this model's "
-                               f"linear RoPE factor is {factor:g}: write --format nemo or --format hf instead")
+                               f"linear RoPE factor is {factor:g}: write output_format=nemo or output_format=hf instead")
         flags.append(f"--rotary-seq-len-interpolation-factor {int(factor)}")
     if cfg.is_moe:
         flags += [
@@ -351,11 +327,18 @@ def weights_dtype(tensors: dict[str, TensorInfo]) -> torch.dtype:
 
 
 class MegatronWriter(CheckpointWriter):
+    name = "megatron"
+
+    def problem(self, config: GPTConfig) -> str | None:
+        return refusal(lambda: (nemo_config_from_gpt(config), megatron_args(config)))
+
+    def fetch_order(self, config: GPTConfig, tensors: dict[str, TensorInfo]) -> list[str]:
+        return dist_fetch_order(tensors)
+
     def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:
         return 1 << 20
 
-    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
-              source: CheckpointReader) -> None:
+    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch, source: SourceMeta) -> None:
         flags = megatron_args(config)
         with atomic_output(self.path, self.overwrite) as out:
             out.mkdir(parents=True)

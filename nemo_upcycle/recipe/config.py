@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from nemo_upcycle.errors import UpcycleError, check_field_types
+from nemo_upcycle.models.config import layer_pattern
 
 ROUTER_TYPES = ("softmax_then_topk", "topk_then_softmax", "sigmoid")
 ROUTER_INITS = ("calibrated", "virtual_group", "random")
@@ -190,7 +191,7 @@ class UpcycleConfig:
                 )
             chosen = set(self.layers)
             return [i in chosen for i in range(num_layers)]
-        return [i % self.layer_freq == 0 for i in range(num_layers)]
+        return layer_pattern(self.layer_freq, num_layers)
 
     def check_dense_shapes(self, ffn_hidden_size: int, num_layers: int) -> None:
         """Raise a one-line error when this recipe cannot apply to a dense model of these sizes."""

@@ -63,7 +63,7 @@ def scaling_exponents(activation: Activation, method: str) -> tuple[Fraction, Fr
     megatron: Megatron-LM upcycling_utils' exponents: s^(1/3) on all of fc1 and fc2 for gated and
       squared-ReLU MLPs, s^(1/2) on fc1 and fc2 otherwise. Exact for squared ReLU, ReLU and ReGLU only;
       for GeLU/SiLU (treated as if ReLU-like) the measured error of an expert group against s * dense is
-      14-39% of the output at pre-activation scales 0.1-1 (tests/test_experts.py), for SwiGLU smaller.
+      14-39% of the output at pre-activation scales 0.1-1 (tests/unit/test_experts.py), for SwiGLU smaller.
     fc2: all of s on fc2, exact for every activation (the paper found it trains worse than spreading s).
     """
     zero, half, third = Fraction(0), Fraction(1, 2), Fraction(1, 3)

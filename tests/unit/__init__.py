@@ -1,0 +1,1 @@
+"""Fast tests of one component against hand-written expectations."""

@@ -1,0 +1,41 @@
+"""The command line: bad input is a one-line error without a traceback; --help explains every option."""
+
+import subprocess
+import sys
+
+
+def test_bad_input_is_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nemo_upcycle.cli", "demo", "--router", "bogus"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "nemo_upcycle.cli", "demo", "--dense", str(tmp_path / "x.nemo"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: dense checkpoint")
+
+
+def test_every_command_documents_every_option():
+    import argparse
+
+    from nemo_upcycle.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.dest != "help" and action.help != argparse.SUPPRESS:
+                assert action.help and len(action.help) > 10, f"{name} {action.dest}"
+
+
+def test_library_errors_name_config_fields_and_the_cli_says_the_flags():
+    from nemo_upcycle.cli import as_flags
+
+    assert as_flags("output_format=hf needs hf_arch: one of mixtral, qwen2_moe") == \
+        "--format hf needs --hf-arch: one of mixtral, qwen2_moe"
+    assert as_flags("target_engine=vllm hf_arch=mixtral: x; use hf_arch=qwen2_moe or qwen3_moe") == \
+        "--target-engine vllm --hf-arch mixtral: x; use --hf-arch qwen2_moe or qwen3_moe"
+    assert as_flags("does model_config match model_config.yaml? my_hf_arch_x") == \
+        "does model_config match model_config.yaml? my_hf_arch_x"
+    assert as_flags("no MMLU files in x: pass data_dir=the cais/mmlu folder; or use MMLU with data_dir") == \
+        "no MMLU files in x: pass --data-dir the cais/mmlu folder; or use MMLU with --data-dir"
+    assert as_flags("num_fewshot 3 must be >= 0: pass num_fewshot=0, tasks=mmlu, model_config=C.yaml") == \
+        "num_fewshot 3 must be >= 0: pass --num-fewshot 0, --tasks mmlu, --model-config C.yaml"
