@@ -26,6 +26,9 @@ from nemo_upcycle.report import human_count, markdown_table
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 SHIPPED_DENSE = DEMO_DATA / "dense_nemotron.nemo"
+# 0.46M byte-level Nemotron pretrained to its plateau (examples/pretrain_dense.py --model plateau_dense): the
+# paper's regime, where continued training barely moves the dense model and upcycling pays off.
+PLATEAU_DENSE = DEMO_DATA / "dense_plateau.nemo"
 MMLU_SAMPLE = DEMO_DATA / "mmlu_sample"
 
 
