@@ -64,9 +64,8 @@ def run_arm(name: str, seed: int, args, dense: Path, data: Path, held_out) -> di
     recipe = ARMS[name]
     start = time.perf_counter()
     overrides = training_overrides(args.out / "runs", f"{name.replace(' ', '_').replace('=', '')}_s{seed}", dense,
-                                   data, args.steps, args.batch, args.lr)
-    overrides += [f"seed={seed}", f"data.seed={seed}", "expert_load_plot=false",
-                  "exp_manager.create_checkpoint_callback=false"]
+                                   data, args.steps, args.batch, args.lr, seed=seed)
+    overrides += ["expert_load_plot=false", "exp_manager.create_checkpoint_callback=false"]
     if recipe is None:
         initial = MegatronUpcycledGPTModel.restore_from(str(dense))
     else:
@@ -136,7 +135,7 @@ def findings(s: dict[str, dict]) -> list[list[str]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dense", type=Path, help="dense .nemo (default: the shipped plateaued byte-level checkpoint)")
-    p.add_argument("--steps", type=int, default=150, help="continued-training steps per arm")
+    p.add_argument("--steps", type=int, default=100, help="continued-training steps per arm")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-3,
                    help="peak learning rate: the paper resets to the pretraining peak (3e-3 here), cosine to a tenth")
@@ -153,9 +152,7 @@ def main() -> None:
     from nemo_upcycle.data.corpus import stdlib_root
     from nemo_upcycle.data.preprocess import preprocess
     from nemo_upcycle.demo import PLATEAU_DENSE
-    from nemo_upcycle.report import markdown_table
     from nemo_upcycle.train.compare import held_out_batches
-    from nemo_upcycle.train.plots import plot_loss_curves
 
     dense = args.dense or PLATEAU_DENSE
     out = args.out
@@ -167,10 +164,20 @@ def main() -> None:
     held_out = held_out_batches(dense, data, args.val_batches, args.batch)
 
     results: dict[str, list[dict]] = {}
-    for seed in range(args.seeds):
-        for name in args.arms:
-            if seed == 0 or name in HEADLINE:
-                results.setdefault(name, []).append(run_arm(name, seed, args, dense, data, held_out))
+    headline = [a for a in args.arms if a in HEADLINE]
+    order = [(a, seed) for seed in range(args.seeds) for a in headline] + \
+        [(a, 0) for a in args.arms if a not in HEADLINE]  # the headline comparison first, with all its seeds
+    for name, seed in order:
+        results.setdefault(name, []).append(run_arm(name, seed, args, dense, data, held_out))
+        report = write_results({a: results[a] for a in args.arms if a in results}, args, dense, len(held_out),
+                               held_out[0].shape[1])  # after every run: a cut-short run still leaves its table
+    print(f"\n{report}\nwritten to {out}/results.md, results.json, loss_curves.png")
+
+
+def write_results(results: dict[str, list[dict]], args, dense: Path, val_batches: int, seq: int) -> str:
+    """results.md (table + findings), results.json and loss_curves.png in args.out; returns the markdown."""
+    from nemo_upcycle.report import markdown_table
+    from nemo_upcycle.train.plots import plot_loss_curves
 
     s = summarise(results)
     rows = [[name, f"{r['total'] / 1e6:.2f}M / {r['active'] / 1e6:.2f}M", r["seeds"], f"{r['step0']:.4f}",
@@ -181,16 +188,18 @@ def main() -> None:
                             f"val loss after {args.steps} steps", "vs dense continued (paired by seed)",
                             "seconds per run"], rows)
     verdicts = markdown_table(["finding", "measured", "reproduced"], findings(s))
-    tokens = args.steps * args.batch * held_out[0].shape[1]
+    tokens = args.steps * args.batch * (seq - 1)
     header = (f"Dense source {dense}; {args.steps} steps x {args.batch} sequences (~{tokens / 1e6:.2f}M tokens) per "
               f"run, warmup then cosine lr {args.lr:g} -> {args.lr / 10:g}, aux loss 1e-2; val loss = mean over "
-              f"{len(held_out)} held-out batches (nats/token); +- is half the range over seeds.")
+              f"{val_batches} held-out batches (nats/token); +- is half the range over seeds.")
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(f"{header}\n\n{table}\n\n{verdicts}\n")
+    report = f"{header}\n\n{table}\n\n{verdicts}\n"
+    (out / "results.md").write_text(report)
     (out / "results.json").write_text(json.dumps({"summary": s, "runs": results}, indent=2))
     plot_loss_curves({name: runs[0]["curve"] for name, runs in results.items()}, out / "loss_curves.png",
                      "Continued training from the plateaued dense model (seed 0)", baseline="dense continued")
-    print(f"\n{header}\n\n{table}\n\n{verdicts}\n\nwritten to {out}/results.md, results.json, loss_curves.png")
+    return report
 
 
 if __name__ == "__main__":
