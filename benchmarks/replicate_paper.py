@@ -144,9 +144,23 @@ def main() -> None:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to run")
     p.add_argument("--quick", action="store_true", help="10 steps, one seed, 2 held-out batches per arm")
     p.add_argument("--out", type=Path, default=Path("bench_out/replicate_paper"), help="results folder")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                   help="only write the table (in --out) of the runs in these folders' results.json: arms split over "
+                        "several processes with the same --steps/--batch/--lr; the first run of an arm and seed wins")
     args = p.parse_args()
     if args.quick:
         args.steps, args.val_batches, args.seeds = 10, 2, 1
+    if args.merge:
+        merged: dict[str, list[dict]] = {}
+        for folder in args.merge:
+            for name, runs in json.loads((folder / "results.json").read_text())["runs"].items():
+                have = {r["seed"] for r in merged.setdefault(name, [])}
+                merged[name] += [r for r in runs if r["seed"] not in have]
+        meta = json.loads((args.merge[0] / "results.json").read_text())["meta"]
+        args.steps, args.batch, args.lr = meta["steps"], meta["batch"], meta["lr"]
+        results = {a: merged[a] for a in ARMS if a in merged}
+        print(write_results(results, args, Path(meta["dense"]), meta["val_batches"], meta["seq"]))
+        return
 
     from nemo_upcycle.checkpoint import load_tokenizer_of
     from nemo_upcycle.data.corpus import stdlib_root
@@ -196,7 +210,9 @@ def write_results(results: dict[str, list[dict]], args, dense: Path, val_batches
     out.mkdir(parents=True, exist_ok=True)
     report = f"{header}\n\n{table}\n\n{verdicts}\n"
     (out / "results.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({"summary": s, "runs": results}, indent=2))
+    meta = {"dense": str(dense), "val_batches": val_batches, "seq": seq, "steps": args.steps, "batch": args.batch,
+            "lr": args.lr}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": s, "runs": results}, indent=2))
     plot_loss_curves({name: runs[0]["curve"] for name, runs in results.items()}, out / "loss_curves.png",
                      "Continued training from the plateaued dense model (seed 0)", baseline="dense continued")
     return report
