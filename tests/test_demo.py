@@ -30,7 +30,11 @@ def test_quick_demo_end_to_end(megatron, tmp_path):
 
 def test_shipped_plateau_dense_is_the_trained_byte_model():
     """The checkpoint `make demo` and benchmarks/replicate_paper.py start from: plateau_dense.yaml's shape, byte
-    tokens, and trained (held-out text far below the ln 257 = 5.55 nats of an untrained byte model)."""
+    tokens, and trained: on English prose it never saw (it learnt Python source) it beats the text's own byte
+    frequencies, the best any context-free model could do (an untrained one scores ln 257 = 5.55 nats)."""
+    import math
+    from collections import Counter
+
     import torch
     from omegaconf import OmegaConf
 
@@ -48,4 +52,6 @@ def test_shipped_plateau_dense_is_the_trained_byte_model():
     ids = torch.tensor([tokenizer.encode((DEMO_DATA / "verify_text.txt").read_text())[:513]])
     with torch.no_grad():
         loss = lm_loss(model.float()(ids[:, :-1]).logits, ids[:, 1:]).item()
-    assert loss < 2.5, loss
+    labels = ids[0, 1:].tolist()
+    unigram = -sum(c / len(labels) * math.log(c / len(labels)) for c in Counter(labels).values())
+    assert loss < unigram, (loss, unigram)
