@@ -92,6 +92,7 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
         out[name] = {"step0": statistics.mean(r["step0"] for r in runs),
                      "after": statistics.mean(r["after"] for r in runs), "after_spread": spread([r["after"] for r in runs]),
                      "vs_dense": statistics.mean(vs) if vs else None, "vs_dense_spread": spread(vs) if vs else None,
+                     "by_seed": {r["seed"]: r["after"] for r in runs},
                      "seeds": len(runs), "seconds": statistics.mean(r["seconds"] for r in runs),
                      "total": runs[0]["total"], "active": runs[0]["active"]}
     return out
@@ -103,8 +104,9 @@ def findings(s: dict[str, dict]) -> list[list[str]]:
     dense = s.get("dense continued")
     noise = max(NOISE_FLOOR, 100 * dense["after_spread"] / dense["after"] if dense else 0.0)
 
-    def pct(a: str, b: str) -> float:
-        return 100 * (s[a]["after"] - s[b]["after"]) / s[b]["after"]
+    def pct(a: str, b: str) -> float:  # paired: over the seeds both arms ran
+        common = [k for k in s[a]["by_seed"] if k in s[b]["by_seed"]]
+        return statistics.mean(100 * (s[a]["by_seed"][k] - s[b]["by_seed"][k]) / s[b]["by_seed"][k] for k in common)
 
     for arm in ("E8G1T2", "E8G8T8"):
         if dense and arm in s and s[arm]["vs_dense"] is not None:
