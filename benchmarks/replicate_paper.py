@@ -69,8 +69,7 @@ def run_arm(name: str, seed: int, args, dense: Path, data: Path, held_out) -> di
     if recipe is None:
         initial = MegatronUpcycledGPTModel.restore_from(str(dense))
     else:
-        recipe = {**recipe, "seed": seed} if recipe.get("router_init") in ("random", "virtual_group") or \
-            "drop_ratio" in recipe else recipe
+        recipe = {**recipe, "seed": seed}  # random router rows and dropped neurons change with the seed too
         initial = MegatronUpcycledGPTModel.from_dense(dense, UpcycleConfig.from_dict(recipe))
         overrides.append("upcycle={" + ",".join(f"{k}:{v!r}" for k, v in recipe.items()) + "}")
     step0 = mean_loss(initial.backend.model, held_out)
