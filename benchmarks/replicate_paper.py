@@ -141,6 +141,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3,
                    help="peak learning rate: the paper resets to the pretraining peak (3e-3 here), cosine to a tenth")
     p.add_argument("--seeds", type=int, default=2, help="seeds for the headline arms (dense, E8G1T2, E8G8T8)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
     p.add_argument("--val-batches", type=int, default=16, help="held-out batches for every loss")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to run")
     p.add_argument("--quick", action="store_true", help="10 steps, one seed, 2 held-out batches per arm")
@@ -180,8 +181,9 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {}
     headline = [a for a in args.arms if a in HEADLINE]
-    order = [(a, seed) for seed in range(args.seeds) for a in headline] + \
-        [(a, 0) for a in args.arms if a not in HEADLINE]  # the headline comparison first, with all its seeds
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    order = [(a, seed) for seed in seeds for a in headline] + \
+        [(a, seeds[0]) for a in args.arms if a not in HEADLINE]  # the headline comparison first, with all its seeds
     for name, seed in order:
         results.setdefault(name, []).append(run_arm(name, seed, args, dense, data, held_out))
         report = write_results({a: results[a] for a in args.arms if a in results}, args, dense, len(held_out),
