@@ -20,8 +20,10 @@ order (and random router rows); every arm of one seed sees the same batches, so 
                                  the calibrated default (nemo_upcycle/recipe/calibration.py)
     router balanced              E8G1T2 with random rows orthogonal to the mean hidden state (balanced at step 0)
 
-    python benchmarks/replicate_paper.py            # < 1 hour on 2 CPU cores
-    python benchmarks/replicate_paper.py --quick    # < 5 minutes (few steps: checks the path, not the findings)
+    python benchmarks/replicate_paper.py            # 13 runs; their seconds added up to 49 min on 2 shared cores
+    python benchmarks/replicate_paper.py --quick    # 10 steps per arm: checks the path, not the findings
+    python benchmarks/replicate_paper.py --lr 1e-3 --steps 1000 --arms "dense continued" E8G1T2   # where the
+                                                    # payoff starts to show (README)
 """
 
 from __future__ import annotations
