@@ -1,16 +1,22 @@
-"""Pretrain the demo's dense Nemotron (conf/model/demo_dense.yaml, 11.2M parameters) on CPython's standard
-library source, and save it as the .nemo the demo ships (bf16 weights, SentencePiece tokenizer inside).
+"""Pretrain a dense Nemotron on CPython's standard library source and save it as a .nemo the demo and
+benchmarks ship (bf16 weights, tokenizer inside).
 
-    python examples/pretrain_dense.py --steps 1200 --output nemo_upcycle/demo_data/dense_nemotron.nemo
+    # the demo's 11.2M model (conf/model/demo_dense.yaml, 4096-piece SentencePiece): ~45 min on 2 cores
+    python examples/pretrain_dense.py --model demo_dense --steps 1200 --output nemo_upcycle/demo_data/dense_nemotron.nemo
+    # the paper-regime model (conf/model/plateau_dense.yaml, 0.46M, bytes), trained to its plateau: the first 400
+    # steps of a 1000-step cosine, then a 200-step cosine anneal from there to a tenth of the peak
+    python examples/pretrain_dense.py --model plateau_dense --steps 1000 --stop-at 400 --anneal-steps 200 \
+        --lr 3e-3 --output nemo_upcycle/demo_data/dense_plateau.nemo
 
-Steps: train a 4096-piece SentencePiece tokenizer on the stdlib text, tokenize the whole stdlib with it
-(`nemo-upcycle preprocess`), train with `nemo-upcycle train` (cosine schedule to a tenth of the peak, so the
-loss flattens out by the end), and write the .nemo. On 2 CPU cores 1200 steps of 16 x 256 tokens take ~45 min.
+Steps: (SentencePiece models only) train a 4096-piece tokenizer on the stdlib text; tokenize the whole stdlib
+(`nemo-upcycle preprocess`); train with `nemo-upcycle train` (cosine schedule to a tenth of the peak, so the
+loss flattens out by the end); write the .nemo. Documents 98-100% are held out (train/compare.py SPLIT).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,8 +26,16 @@ import torch
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo_dense", choices=["demo_dense", "plateau_dense"],
+                   help="conf/model/<name>.yaml: its tokenizer library (sentencepiece or byte) decides the tokenizer")
     p.add_argument("--steps", type=int, default=1200, help="optimizer steps (16 sequences of 256 tokens each)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (cosine to a tenth of it)")
+    p.add_argument("--stop-at", type=int, help="stop after this many steps of the --steps schedule")
+    p.add_argument("--anneal-steps", type=int, default=0,
+                   help="then restore the model and decay the lr it reached to a tenth of --lr over these steps "
+                        "(cosine, a fresh data order): a shorter route to the plateau than the full schedule")
+    p.add_argument("--init", type=Path,
+                   help="skip the first phase: start the anneal from this Lightning checkpoint of it (.ckpt)")
     p.add_argument("--output", type=Path, default=Path("nemo_upcycle/demo_data/dense_nemotron.nemo"))
     p.add_argument("--workdir", type=Path, default=Path("bench_out/pretrain_dense"),
                    help="tokenizer, tokenized corpus and training logs")
@@ -31,25 +45,52 @@ def main() -> None:
     from nemo_upcycle.checkpoint.nemo import NemoWriter
     from nemo_upcycle.data.corpus import stdlib_root, stdlib_text
     from nemo_upcycle.data.preprocess import preprocess
-    from nemo_upcycle.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
+    from nemo_upcycle.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
     from nemo_upcycle.train.compare import SPLIT
     from nemo_upcycle.train.run import load_config, train
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    spm = train_sentencepiece([stdlib_text(8_000_000)], vocab_size=4096, model_prefix=work / "stdlib_sp4096")
-    preprocess([stdlib_root()], work / "data" / "stdlib", SentencePieceTokenizer(spm), workers=2, overwrite=True)
-    cfg = load_config([
-        "model=demo_dense", f"model.tokenizer.model={spm}", "name=dense_pretrain",
-        f"data.data_prefix=[{work / 'data' / 'stdlib_text_document'}]", f"data.splits_string='{SPLIT}'",
-        f"exp_manager.exp_dir={work / 'exp'}", "micro_batch_size=16", "global_batch_size=16", "backend=torch",
-        f"trainer.max_steps={args.steps}", "trainer.val_check_interval=200", "trainer.limit_val_batches=8",
-        f"optim.lr={args.lr}", f"optim.sched.min_lr={args.lr / 10}", "optim.sched.warmup_steps=50",
-        "expert_load_plot=false",
-    ])
-    result = train(cfg)
-    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; val_loss {result.metrics.get('val_loss')}")
-    ckpt = result.model.as_checkpoint()
+    overrides = [f"model={args.model}"]
+    if load_config(overrides).model.tokenizer.library == "byte":
+        tokenizer, data = ByteTokenizer(), work / "data" / "stdlib_bytes"
+    else:
+        spm = train_sentencepiece([stdlib_text(8_000_000)], vocab_size=4096, model_prefix=work / "stdlib_sp4096")
+        tokenizer, data = SentencePieceTokenizer(spm), work / "data" / "stdlib"
+        overrides.append(f"model.tokenizer.model={spm}")
+    if not Path(f"{data}_text_document.idx").exists():
+        preprocess([stdlib_root()], data, tokenizer, workers=2, overwrite=True)
+    stop = args.stop_at or args.steps
+    common = overrides + [
+        f"data.data_prefix=[{data}_text_document]", f"data.splits_string='{SPLIT}'",
+        f"exp_manager.exp_dir={work / 'exp'}", "exp_manager.resume_if_exists=false", "micro_batch_size=16",
+        "global_batch_size=16", "backend=torch", "trainer.limit_val_batches=8", "trainer.enable_progress_bar=false",
+        f"optim.sched.min_lr={args.lr / 10}", "expert_load_plot=false"]
+    first = load_config(common + [
+        "name=dense_pretrain", f"trainer.max_steps={stop}", f"+optim.sched.max_steps={args.steps}",
+        f"trainer.val_check_interval={min(200, stop)}", f"optim.lr={args.lr}", "optim.sched.warmup_steps=50"])
+    if args.init:
+        from nemo_upcycle.train.run import build_model
+
+        model = build_model(first)
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["state_dict"])
+    else:
+        result = train(first)
+        print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; val_loss {result.metrics.get('val_loss')}")
+        model = result.model
+    if args.anneal_steps:
+        w = 50  # NeMo's CosineAnnealing after its warmup: the lr the first phase ended at
+        reached = args.lr / 10 + 0.9 * args.lr * 0.5 * (1 + math.cos(math.pi * (stop - w) / (args.steps - w)))
+        phase1 = work / "phase1.nemo"
+        model.save_to(str(phase1))
+        result = train(load_config(common + [
+            "name=dense_anneal", f"restore_from={phase1}", f"trainer.max_steps={args.anneal_steps}",
+            f"trainer.val_check_interval={args.anneal_steps}", f"optim.lr={reached}", "optim.sched.warmup_steps=1",
+            "seed=4321", "data.seed=4321"]))
+        print(f"annealed {result.steps} steps from lr {reached:.3g} in {result.seconds / 60:.1f} min; "
+              f"val_loss {result.metrics.get('val_loss')}")
+        model = result.model
+    ckpt = model.as_checkpoint()
     state = {k: v.to(torch.bfloat16) for k, v in ckpt.read(list(ckpt.tensors())).items()}
     bf16 = InMemoryCheckpoint(ckpt.config, state, ckpt.source_config, ckpt.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:

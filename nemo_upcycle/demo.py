@@ -1,7 +1,8 @@
 """The main job: upcycling end to end on a laptop, in minutes.
 
 1. Start from a small dense Nemotron pretrained on CPython's standard library source (shipped in
-   nemo_upcycle/demo_data/, made by examples/pretrain_dense.py; --quick trains a tiny one in seconds instead).
+   nemo_upcycle/demo_data/, made by examples/pretrain_dense.py; --quick trains a tiny one in seconds instead;
+   --dense nemo_upcycle/demo_data/dense_plateau.nemo starts from the plateaued 0.46M byte-level one).
 2. Tokenize the corpus with the checkpoint's own tokenizer (`nemo-upcycle preprocess`).
 3. Upcycle it with `nemo-upcycle convert` to E8G1T2 and E8G8T8 (the paper's softmax-then-topK router), verifying
    the step-0 guarantee on every MoE layer.
@@ -26,6 +27,9 @@ from nemo_upcycle.report import human_count, markdown_table
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 SHIPPED_DENSE = DEMO_DATA / "dense_nemotron.nemo"
+# 0.46M byte-level Nemotron pretrained to its plateau (examples/pretrain_dense.py --model plateau_dense): the
+# paper's regime, where continued training barely moves the dense model (benchmarks/replicate_paper.py's default).
+PLATEAU_DENSE = DEMO_DATA / "dense_plateau.nemo"
 MMLU_SAMPLE = DEMO_DATA / "mmlu_sample"
 
 
@@ -121,10 +125,11 @@ def run_demo(s: DemoSettings) -> DemoResult:
         print(f"{dense}")
 
     with _Timer(stages, "tokenize the corpus with the checkpoint's tokenizer"):
-        prefix = out / "data" / ("stdlib_quick" if s.quick else "stdlib")
+        tokenizer = load_tokenizer_of(dense)  # the cache is per tokenizer kind: a SentencePiece corpus is no byte one
+        prefix = out / "data" / f"stdlib{'_quick' if s.quick else ''}_{type(tokenizer).__name__}"
         if not Path(f"{prefix}_text_document.idx").exists():
             inputs = sorted(stdlib_root().glob("*.py"))[:40] if s.quick else [stdlib_root()]
-            preprocess(inputs, prefix, load_tokenizer_of(dense), workers=1 if s.quick else 2, overwrite=True)
+            preprocess(inputs, prefix, tokenizer, workers=1 if s.quick else 2, overwrite=True)
         data_prefix = Path(f"{prefix}_text_document")
 
     models: dict[str, Path] = {"dense": Path(dense)}
@@ -228,7 +233,8 @@ def write_report(s: DemoSettings, result: DemoResult, dense: Path, heatmaps: lis
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoSettings()
     parser.add_argument("--out", type=Path, default=d.out, help="output folder (default demo_out)")
-    parser.add_argument("--dense", type=Path, help="dense .nemo to start from (default: the shipped 11M Nemotron)")
+    parser.add_argument("--dense", type=Path, help="dense .nemo to start from (default: the shipped 11M Nemotron; "
+                        "nemo_upcycle/demo_data/dense_plateau.nemo is the plateaued 0.46M byte-level one)")
     parser.add_argument("--recipes", nargs="+", default=list(d.recipes), help="upcycling recipes (default E8G1T2 E8G8T8)")
     parser.add_argument("--router", default=d.router, choices=["softmax_then_topk", "topk_then_softmax", "sigmoid"],
                         help="router type (default: the paper's softmax_then_topk)")

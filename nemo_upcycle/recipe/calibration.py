@@ -21,6 +21,12 @@ consecutive m_g differ by more than two bf16 ulps), and c puts the calibration s
 LOGIT_SCALE, so rho - 1 is about 1e-4 in float32 and rounds away in bfloat16 routing weights (routers that
 renormalise the chosen weights, where rho = 1 for any logits, get larger logits: fewer near-ties). The router still
 learns: its gradient is the usual one, only its starting point is nearly flat.
+
+The cost: every token's group order is the same (reversed when d . x < 0), so at step 0 nearly all tokens go to
+the top-multiplier group (or group 0) and the aux loss must spread them. The `balanced` init (G = 1 only, where
+any set of full copies reproduces the dense MLP, so ties cannot break exactness) instead draws random rows, takes
+out their component along mu (real hidden states share a large mean component, so plain random rows route by
+r . mu, imbalanced too) and scales them to the same small logit scale: balanced at step 0, rho - 1 ~ 1e-3.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Callable
 import torch
 
 from nemo_upcycle.models.config import GPTConfig
+from nemo_upcycle.recipe.seeds import ROUTER_STREAM, layer_generator
 
 # Median over calibration tokens of the largest group logit |z_g|. softmax-then-topK and sigmoid top-1 scale the
 # output by rho, which grows with the logits: small. topK-then-softmax and sigmoid top-T>1 renormalise the chosen
@@ -39,6 +46,7 @@ from nemo_upcycle.models.config import GPTConfig
 LOGIT_SCALE = {"small": 1e-3, "renormalised": 1e-1}
 GROUP_RATIO = 1.025  # m_g = GROUP_RATIO ** g, rounded to bfloat16
 CALIBRATION_TOKENS = 384
+CALIBRATED_INITS = ("calibrated", "balanced")  # router inits computed from the dense model's hidden states
 
 
 def group_multipliers(groups: int) -> torch.Tensor:
@@ -97,12 +105,32 @@ def router_direction(hidden: torch.Tensor, groups: int, scale: float) -> torch.T
     return (d * c).float()
 
 
+def balanced_rows(hidden: torch.Tensor, experts: int, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """[experts, H] random rows orthogonal to the mean MLP input, scaled so the calibration tokens' median
+    largest |logit| is `scale` (the `balanced` init, see the module docstring)."""
+    h = hidden.double()
+    mu = h.mean(0)
+    rows = torch.empty(experts, h.shape[1], dtype=torch.float64).normal_(generator=generator)
+    if mu.norm() > 0:
+        u = mu / mu.norm()
+        rows -= (rows @ u)[:, None] * u[None, :]
+    tau = (h @ rows.T).abs().max(dim=1).values.median().item()
+    if tau == 0 or not math.isfinite(tau):
+        return torch.zeros(experts, h.shape[1])
+    return (rows * (scale / tau)).float()
+
+
 def calibrated_directions(cfg: GPTConfig, recipe, tokens: torch.Tensor, embedding: torch.Tensor,
                           layer_tensors: Callable[[int], dict[str, torch.Tensor]]) -> dict[int, torch.Tensor]:
-    """d for each MoE layer of `recipe` (see the module docstring)."""
+    """Per MoE layer of `recipe`: d [H] (calibrated) or the router rows [E, H] (balanced); see the module
+    docstring."""
     layers = [i for i, moe in enumerate(recipe.moe_layer_pattern(cfg.num_layers)) if moe]
     if not layers:
         return {}
+    if recipe.router_init == "balanced":
+        return {i: balanced_rows(h, recipe.num_experts, logit_scale(recipe),
+                                 layer_generator(recipe.seed, i, ROUTER_STREAM))
+                for i, h in mlp_inputs(cfg, tokens, embedding, layer_tensors, set(layers))}
     return {i: router_direction(h, recipe.expansion, logit_scale(recipe))
             for i, h in mlp_inputs(cfg, tokens, embedding, layer_tensors, set(layers))}
 
@@ -122,8 +150,8 @@ def reader_tokenizer(reader):
 
 def directions_from_reader(reader, recipe) -> dict[int, torch.Tensor] | None:
     """Calibrated directions for every MoE layer of `recipe` applied to the checkpoint `reader` (one extra pass
-    over the dense layers, one at a time); None when the recipe's router init is not `calibrated`."""
-    if recipe.router_init != "calibrated":
+    over the dense layers, one at a time); None when the recipe's router init needs no calibration."""
+    if recipe.router_init not in CALIBRATED_INITS:
         return None
     cfg = reader.config
     tokenizer = reader_tokenizer(reader)
@@ -140,7 +168,7 @@ def directions_from_reader(reader, recipe) -> dict[int, torch.Tensor] | None:
 def directions_from_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig, recipe,
                                tokenizer=None) -> dict[int, torch.Tensor] | None:
     """As `directions_from_reader`, for an in-memory dense state dict (local-spec names)."""
-    if recipe.router_init != "calibrated":
+    if recipe.router_init not in CALIBRATED_INITS:
         return None
     def layer_tensors(i: int) -> dict[str, torch.Tensor]:
         prefix = f"decoder.layers.{i}."

@@ -16,7 +16,7 @@ from nemo_upcycle.errors import UpcycleError, check_field_types
 from nemo_upcycle.models.config import layer_pattern
 
 ROUTER_TYPES = ("softmax_then_topk", "topk_then_softmax", "sigmoid")
-ROUTER_INITS = ("calibrated", "virtual_group", "random")
+ROUTER_INITS = ("calibrated", "balanced", "virtual_group", "random")
 SCALING_METHODS = ("homogeneous", "megatron", "fc2")
 MAX_EXPERTS = 4096  # far beyond any published MoE (DeepSeek-V3: 256); a typo like E999999 would never finish
 
@@ -42,6 +42,8 @@ class UpcycleConfig:
     scaling_method: str = "homogeneous"
     # calibrated: virtual groups whose rows are one direction (from the dense model's own hidden states) times
     # distinct multipliers, so groups never tie and the routed sum stays ~1 (recipe.calibration);
+    # balanced (G = 1 only): random rows orthogonal to the mean hidden state at the calibrated logit scale, so
+    # tokens spread over the experts from step 0 and the routed sum stays ~1;
     # virtual_group: the paper's E random rows, each repeated G times (the default before 0.2);
     # random: E*G independent random rows (no step-0 guarantee).
     router_init: str = "calibrated"
@@ -97,7 +99,10 @@ class UpcycleConfig:
             raise UpcycleError(f"weight_scaling must be 'auto', 'off' or a positive number, got {ws!r}")
         if not 0.0 <= self.drop_ratio < 1.0:
             raise UpcycleError(f"drop_ratio must be in [0, 1), got {self.drop_ratio}")
-        if self.router_init_std is not None and self.router_init == "calibrated":
+        if self.router_init == "balanced" and self.granularity != 1:
+            raise UpcycleError(f"router_init=balanced needs granularity 1 (got {self.granularity}): with G > 1 its "
+                               "random groups can tie and split a copy; use calibrated")
+        if self.router_init_std is not None and self.router_init in ("calibrated", "balanced"):
             raise UpcycleError("router_init_std sets the std of virtual_group or random router rows, not of the "
                                "calibrated init: add router_init=virtual_group (--router-init virtual_group)")
         if self.router_init_std is not None and self.router_init_std <= 0:

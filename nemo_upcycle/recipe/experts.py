@@ -27,6 +27,7 @@ import torch
 
 from nemo_upcycle.activations import Activation
 from nemo_upcycle.recipe.config import UpcycleConfig
+from nemo_upcycle.recipe.seeds import DROP_STREAM, ROUTER_STREAM, layer_generator
 
 
 @dataclass
@@ -154,15 +155,6 @@ def shard_dense_mlp(dense: MLPWeights, granularity: int, gated: bool) -> MLPWeig
     )
 
 
-def layer_generator(seed: int, layer: int, stream: int) -> torch.Generator:
-    """An independent, reproducible random stream per (seed, layer, purpose): a layer's result never depends
-    on which other layers were processed, so streaming conversion equals in-memory upcycling."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + layer * 16 + stream) % (2**63))
-
-
-ROUTER_STREAM, DROP_STREAM = 0, 1
-
-
 def upcycle_mlp(dense: MLPWeights, recipe: UpcycleConfig, activation: Activation, layer: int = 0) -> MLPWeights:
     """The E*G experts of one layer, stacked on a leading axis (expert k = dense shard k mod G, scaled).
 
@@ -236,6 +228,7 @@ def init_router(recipe: UpcycleConfig, hidden_size: int, std: float, layer: int 
     """Router weight [E*G, H] for one layer.
 
     calibrated: group g's row is m_g * `direction` (recipe.calibration: ordered groups, no ties, rho ~ 1);
+    balanced (G = 1): `direction` holds the E rows themselves (recipe.calibration.balanced_rows);
     virtual_group: the paper's E normal(0, std) rows; random: E*G normal(0, std) rows, seeded per layer.
     In both virtual-group inits each row is repeated G times consecutively, so experts g*G .. g*G+G-1 (one whole
     copy of the dense MLP) always score the same and top-T (T a multiple of G) selects whole copies.
@@ -247,6 +240,10 @@ def init_router(recipe: UpcycleConfig, hidden_size: int, std: float, layer: int 
             raise ValueError("router_init=calibrated needs the layer's calibrated direction")
         base = group_multipliers(recipe.expansion)[:, None].float() * direction.float()[None, :]
         return virtual_group_rows(base, recipe.granularity).to(dtype)
+    if recipe.router_init == "balanced":
+        if direction is None:
+            raise ValueError("router_init=balanced needs the layer's calibrated rows")
+        return direction.to(dtype)
     gen = layer_generator(recipe.seed, layer, ROUTER_STREAM)
     rows = recipe.expansion if recipe.router_init == "virtual_group" else recipe.num_experts
     base = torch.empty(rows, hidden_size).normal_(0.0, std, generator=gen)

@@ -13,9 +13,11 @@ SPLIT = "98,2,0"
 
 
 def training_overrides(run: Path, name: str, restore: Path, data_prefix: Path, steps: int, batch: int, lr: float,
-                       backend: str = "torch") -> list[str]:
-    """Hydra overrides for one continued-training run: same data, order and schedule for every model compared."""
-    return [f"restore_from={restore}", f"name={name}", f"data.data_prefix=[{data_prefix}]",
+                       backend: str = "torch", seed: int | None = None) -> list[str]:
+    """Hydra overrides for one continued-training run: same data, order and schedule for every model compared.
+    `seed` sets the data order and random inits (None: conf/train.yaml's 1234, the pretraining order)."""
+    seeds = [] if seed is None else [f"seed={seed}", f"data.seed={seed}"]
+    return [f"restore_from={restore}", f"name={name}", *seeds, f"data.data_prefix=[{data_prefix}]",
             f"data.splits_string='{SPLIT}'", f"exp_manager.exp_dir={run}", "exp_manager.resume_if_exists=false",
             f"micro_batch_size={batch}", f"global_batch_size={batch}", f"backend={backend}",
             f"trainer.max_steps={steps}", f"trainer.val_check_interval={max(steps, 1)}",

@@ -151,6 +151,30 @@ def test_bf16_g1_upcycle_reproduces_the_dense_model_bit_for_bit(shorthand):
     assert torch.equal(moe(TOKENS).logits, dense_logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_balanced_init_spreads_tokens_at_step_0_and_keeps_rho_one(dtype):
+    """G = 1: the balanced rows (orthogonal to the mean MLP input) send tokens to every expert at step 0, where
+    the calibrated rows send nearly all of them to one pair, and the routed sum still scales the MLP by ~1."""
+    busiest = {}
+    for init in ("balanced", "calibrated"):
+        recipe = UpcycleConfig.from_shorthand("E8G1T2", router_init=init)
+        dense, moe = upcycled(recipe, anisotropic_config())
+        for i, (probs, routing) in routing_on_dense_states(dense, moe, dtype).items():
+            counts = torch.bincount(routing.experts.flatten(), minlength=8).float()
+            busiest[init, i] = (counts / counts.sum()).max().item()
+            assert group_problems(routing, recipe)[1] < 5e-3, f"{init} layer {i}"  # rho - 1 ~ the logit scale
+    layers = {i for _, i in busiest}
+    assert all(busiest["calibrated", i] > 0.3 for i in layers)  # ordered: the top pair (d.x > 0) or the bottom one
+    assert all(busiest["balanced", i] < 0.25 for i in layers)  # uniform would be 1/8 of the slots each
+
+
+def test_balanced_init_needs_whole_copies():
+    from nemo_upcycle.errors import UpcycleError
+
+    with pytest.raises(UpcycleError, match="granularity 1"):
+        UpcycleConfig.from_shorthand("E8G8T8", router_init="balanced")
+
+
 def test_power_of_two_factors_are_exact_in_bf16_and_sqrt8_is_not():
     act = get_activation("swiglu")
     g = torch.Generator().manual_seed(0)
