@@ -1,5 +1,5 @@
 """`nemo-upcycle <command>`: all argument parsing, one module per command (cli/<command>.py: its --help text,
-add_arguments and run), which calls the library to do the work (demo.py still parses its own arguments).
+add_arguments and run), which calls the library to do the work.
 
 Bad input (`UpcycleError`) is printed as one line, `error: ...`, with exit status 2 and no traceback.
 """
@@ -18,7 +18,7 @@ from nemo_upcycle.errors import UpcycleError
 COMMANDS = {
     "convert": ("nemo_upcycle.cli.convert", "upcycle a dense .nemo / Megatron / Hugging Face checkpoint into an MoE one"),
     "train": ("nemo_upcycle.cli.train", "continue training a .nemo (dense or upcycled) with Lightning on Megatron data"),
-    "demo": ("nemo_upcycle.demo", "upcycle a small dense Nemotron to E8G1T2 and E8G8T8 and check step-0 equivalence"),
+    "demo": ("nemo_upcycle.cli.demo", "upcycle a small dense Nemotron to E8G1T2 and E8G8T8 and check step-0 equivalence"),
     "preprocess": ("nemo_upcycle.cli.preprocess", "tokenize jsonl, text files or folders into Megatron .bin/.idx datasets"),
     "eval": ("nemo_upcycle.cli.eval", "evaluate checkpoints on MMLU (or other lm-eval tasks) offline, side by side"),
 }

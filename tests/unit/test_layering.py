@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nemo_upcycle"
 LAYERS = [("errors",), ("activations", "report", "compat"), ("models",), ("data",), ("checkpoint",), ("recipe",),
-          ("verify",), ("convert",), ("train", "eval"), ("demo", "cli")]  # lowest first
+          ("verify",), ("convert",), ("train", "eval"), ("demo",), ("cli",)]  # lowest first
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
