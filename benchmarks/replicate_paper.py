@@ -20,7 +20,7 @@ order (and random router rows); every arm of one seed sees the same batches, so 
                                  the calibrated default (nemo_upcycle/recipe/calibration.py)
     router balanced              E8G1T2 with random rows orthogonal to the mean hidden state (balanced at step 0)
 
-    python benchmarks/replicate_paper.py            # 13 runs; their seconds added up to 49 min on 2 shared cores
+    python benchmarks/replicate_paper.py            # 13 runs: 4 min 31 s in one process on 2 idle CPU cores
     python benchmarks/replicate_paper.py --quick    # 10 steps per arm: checks the path, not the findings
     python benchmarks/replicate_paper.py --lr 1e-3 --steps 1000 --arms "dense continued" E8G1T2   # where the
                                                     # payoff starts to show (README)
