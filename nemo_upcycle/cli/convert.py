@@ -93,8 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "activation), megatron (Megatron-LM's exponents), fc2 (all on fc2)")
     r.add_argument("--router-init", choices=ROUTER_INITS,
                    help="calibrated (default): virtual groups ordered along the dense model's mean hidden state, "
-                        "no ties and routed weights summing to ~1 on real models; virtual_group: the paper's random "
-                        "group rows (the old default); random: independent random rows")
+                        "no ties and routed weights summing to ~1 on real models; balanced (granularity 1 only): random "
+                        "rows orthogonal to the mean hidden state, tokens spread over experts from step 0; "
+                        "virtual_group: the paper's random group rows (the old default); random: independent "
+                        "random rows")
     r.add_argument("--router-init-std", type=float,
                    help="std of virtual_group / random router rows (default: the model's init_method_std)")
     r.add_argument("--seed", type=int, help="seed for router rows and Drop-Upcycling (default 1234)")
