@@ -127,12 +127,14 @@ def calibrated_directions(cfg: GPTConfig, recipe, tokens: torch.Tensor, embeddin
     layers = [i for i, moe in enumerate(recipe.moe_layer_pattern(cfg.num_layers)) if moe]
     if not layers:
         return {}
-    if recipe.router_init == "balanced":
-        return {i: balanced_rows(h, recipe.num_experts, logit_scale(recipe),
-                                 layer_generator(recipe.seed, i, ROUTER_STREAM))
-                for i, h in mlp_inputs(cfg, tokens, embedding, layer_tensors, set(layers))}
-    return {i: router_direction(h, recipe.expansion, logit_scale(recipe))
-            for i, h in mlp_inputs(cfg, tokens, embedding, layer_tensors, set(layers))}
+    scale = logit_scale(recipe)
+
+    def rows(i: int, hidden: torch.Tensor) -> torch.Tensor:
+        if recipe.router_init == "balanced":
+            return balanced_rows(hidden, recipe.num_experts, scale, layer_generator(recipe.seed, i, ROUTER_STREAM))
+        return router_direction(hidden, recipe.expansion, scale)
+
+    return {i: rows(i, h) for i, h in mlp_inputs(cfg, tokens, embedding, layer_tensors, set(layers))}
 
 
 def reader_tokenizer(reader):
