@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_upcycle.checkpoint import load_tokenizer_of, open_checkpoint
+from nemo_upcycle.checkpoint import WriteOptions, load_tokenizer_of, open_checkpoint
 from nemo_upcycle.checkpoint.gguf import find_smollm2_gguf
 from nemo_upcycle.convert import convert
 from nemo_upcycle.models.keys import unstack_experts
@@ -90,7 +90,7 @@ def main() -> None:
                 recipe = UpcycleConfig.from_shorthand(name, router=router or "softmax_then_topk", router_init=init)
                 out = Path(tmp) / f"{name}-{router}-{init}"
                 start = time.perf_counter()
-                convert(gguf, out, recipe, "hf", hf_arch="qwen2_moe", progress=False)
+                convert(gguf, out, recipe, write=WriteOptions("hf", hf_arch="qwen2_moe"), progress=False)
                 seconds = time.perf_counter() - start
                 with open_checkpoint(out) as moe_reader:
                     moe = ours(moe_reader)

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from nemo_upcycle.checkpoint import INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, make_writer, open_checkpoint
+from nemo_upcycle.checkpoint import (
+    INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, ReadOptions, WriteOptions, make_writer, open_checkpoint)
 from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path, load_yaml_mapping
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.errors import UpcycleError
@@ -25,6 +26,7 @@ from nemo_upcycle.recipe import UpcycleConfig, moe_config, upcycle_layer_mlp
 from nemo_upcycle.recipe.calibration import directions_from_reader
 from nemo_upcycle.recipe.state_dict import DENSE_MLP_KEYS
 from nemo_upcycle.report import human_count, markdown_table
+from nemo_upcycle.verify import VerifyOptions, verify_conversion
 
 
 # ---- plan ---------------------------------------------------------------------------------------------------
@@ -202,29 +204,21 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
-def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConfig | None,
-            output_format: str = "nemo", input_format: str = "auto", pack: bool = True, overwrite: bool = False,
-            model_config: dict[str, Any] | None = None, verify_layers: int | None = None,
-            progress: bool = True, hf_arch: str | None = None, max_shard_size: str | int | None = None,
-            target_engine: str | None = None, verify_text: str | None = None,
-            verify_threshold: float | None = None, gguf_dtype: torch.dtype = torch.bfloat16) -> Summary:
-    """Upcycle `input_path` into `output_path` (`recipe` None: convert the format only). `verify_layers`: after
-    writing, compare that many leading layers (0 = all) of input and output with the reference model and check
-    every expert tensor's checksum against the recipe (written to `<output>.checksums.json`); None skips it.
-    `verify_text` (default: the bundled held-out sample) and `verify_threshold` (largest relative loss gap, default
-    0.1%) are what the verification measures the function on and fails above.
-    `hf_arch`, `max_shard_size`: the architecture and shard size of a Hugging Face output (`output_format` hf);
-    `target_engine`: refuse an hf export that engine would compute differently (checkpoint.hf_keys.engine_problem);
-    `gguf_dtype`: what a GGUF input is dequantised to."""
+def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConfig | None, *,
+            read: ReadOptions = ReadOptions(), write: WriteOptions = WriteOptions(),
+            verify: VerifyOptions | None = None, progress: bool = True) -> Summary:
+    """Upcycle `input_path` into `output_path` (`recipe` None: convert the format only), read and written as
+    `read` and `write` say. `verify`: after writing, compare input and output with the reference model and check
+    every expert tensor's checksum against the recipe (written to `<output>.checksums.json`); None skips it."""
     from tqdm import tqdm
 
     start = time.perf_counter()
-    check_options(output_format, input_format, pack, overwrite, verify_layers, hf_arch, max_shard_size)
+    check_options(read, write, verify)
     output_path = Path(output_path)
-    check_output_path(output_path, overwrite)
-    with open_checkpoint(input_path, input_format, model_config, gguf_dtype) as reader:
+    check_output_path(output_path, write.overwrite)
+    with open_checkpoint(input_path, read) as reader:
         plan = plan_conversion(reader, recipe, str(input_path))
-        writer = make_writer(output_format, output_path, overwrite, pack, hf_arch, max_shard_size, target_engine)
+        writer = make_writer(output_path, write)
         writer.check(plan.moe)
         order = writer.fetch_order(plan.moe, plan.outputs)
         check_one_layer_at_a_time(order, writer.name)
@@ -236,47 +230,43 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
         bar.close()
         seconds = time.perf_counter() - start
         summary = Summary(plan, seconds, peak_rss_bytes(), output_path)
-        if verify_layers is not None:
-            summary.verify = _verify(reader, output_path, recipe, verify_layers, directions, verify_text,
-                                     verify_threshold)
+        if verify is not None:
+            summary.verify = _verify(reader, output_path, recipe, verify, directions)
     return summary
 
 
-def check_options(output_format: Any, input_format: Any = "auto", pack: Any = True, overwrite: Any = False,
-                  verify_layers: Any = None, hf_arch: Any = None, max_shard_size: Any = None) -> None:
+def check_options(read: ReadOptions, write: WriteOptions, verify: VerifyOptions | None = None) -> None:
     """Every option of a conversion checked before any file is read or written (the Hydra entry point passes
     them as they come from YAML), so a bad value never fails after the output was renamed into place."""
     from nemo_upcycle.checkpoint.hf_export import parse_size
 
-    for name, value, choices in (("output_format", output_format, OUTPUT_FORMATS),
-                                 ("input_format", input_format, INPUT_FORMATS)):
+    for name, value, choices in (("output_format", write.format, OUTPUT_FORMATS),
+                                 ("input_format", read.format, INPUT_FORMATS)):
         if value not in choices:
             raise UpcycleError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    for name, value in (("pack", pack), ("overwrite", overwrite)):
+    for name, value in (("pack", write.pack), ("overwrite", write.overwrite)):
         if not isinstance(value, bool):
             raise UpcycleError(f"{name} must be true or false, got {value!r}")
-    if verify_layers is not None and (not isinstance(verify_layers, int) or isinstance(verify_layers, bool)
-                                      or verify_layers < 0):
+    if verify is not None and (not isinstance(verify.layers, int) or isinstance(verify.layers, bool)
+                               or verify.layers < 0):
         raise UpcycleError(f"verify must be null (skip), 0 (all layers) or a positive number of layers, "
-                           f"got {verify_layers!r}")
-    if hf_arch is not None and hf_arch not in HF_ARCHS:
-        raise UpcycleError(f"hf_arch must be one of {', '.join(HF_ARCHS)}, got {hf_arch!r}")
-    if max_shard_size is not None and (isinstance(max_shard_size, bool) or parse_size(max_shard_size) < 1):
-        raise UpcycleError(f"max shard size {max_shard_size!r} is not a size such as 5GB, 500MB or 2GiB")
+                           f"got {verify.layers!r}")
+    if write.hf_arch is not None and write.hf_arch not in HF_ARCHS:
+        raise UpcycleError(f"hf_arch must be one of {', '.join(HF_ARCHS)}, got {write.hf_arch!r}")
+    size = write.max_shard_size
+    if size is not None and (isinstance(size, bool) or parse_size(size) < 1):
+        raise UpcycleError(f"max shard size {size!r} is not a size such as 5GB, 500MB or 2GiB")
 
 
-def _verify(reader: CheckpointReader, output_path: Path, recipe: UpcycleConfig | None,
-            layers: int, router_directions: dict[int, torch.Tensor] | None = None, text: str | None = None,
-            threshold: float | None = None) -> dict[str, Any]:
+def _verify(reader: CheckpointReader, output_path: Path, recipe: UpcycleConfig | None, verify: VerifyOptions,
+            router_directions: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
     if recipe is None:
         return {"status": "not checked (format conversion, no recipe to check against)"}
     import json
 
-    from nemo_upcycle.verify import DEFAULT_THRESHOLD, verify_conversion
-
     with open_checkpoint(output_path) as written:
-        result = verify_conversion(reader, written, recipe, layers, router_directions, text,
-                                   DEFAULT_THRESHOLD if threshold is None else threshold)
+        result = verify_conversion(reader, written, recipe, verify.layers, router_directions, verify.text,
+                                   verify.threshold)
     checksums = result.pop("checksums")
     sidecar = output_path.with_name(output_path.name + ".checksums.json")
     sidecar.write_text(json.dumps(checksums, indent=1) + "\n")
@@ -302,7 +292,9 @@ def convert_from_config(cfg: dict[str, Any]) -> Summary:
     recipe = cfg.get("recipe", {})
     if recipe is not None and not isinstance(recipe, dict):
         raise UpcycleError(f"recipe must be a mapping of recipe options (or null: format only), got {recipe!r}")
+    read = ReadOptions(cfg.get("input_format", "auto"), load_model_config(cfg.get("model_config")))
+    write = WriteOptions(cfg.get("output_format", "nemo"), cfg.get("overwrite", False), cfg.get("pack", True),
+                         cfg.get("hf_arch"), cfg.get("max_shard_size"))
+    verify = None if cfg.get("verify") is None else VerifyOptions(cfg["verify"])
     return convert(cfg["input"], cfg["output"], None if recipe is None else UpcycleConfig.from_dict(recipe),
-                   cfg.get("output_format", "nemo"), cfg.get("input_format", "auto"), cfg.get("pack", True),
-                   cfg.get("overwrite", False), load_model_config(cfg.get("model_config")), cfg.get("verify"),
-                   hf_arch=cfg.get("hf_arch"), max_shard_size=cfg.get("max_shard_size"))
+                   read=read, write=write, verify=verify)

@@ -92,7 +92,7 @@ def _quick_dense(work: Path) -> Path:
 
 
 def run_demo(s: DemoSettings) -> DemoResult:
-    from nemo_upcycle.checkpoint import load_model, load_tokenizer_of
+    from nemo_upcycle.checkpoint import WriteOptions, load_model, load_tokenizer_of
     from nemo_upcycle.convert import convert
     from nemo_upcycle.data.corpus import stdlib_root
     from nemo_upcycle.data.preprocess import preprocess
@@ -100,6 +100,7 @@ def run_demo(s: DemoSettings) -> DemoResult:
     from nemo_upcycle.train.compare import held_out_batches, mean_loss, training_overrides
     from nemo_upcycle.train.plots import plot_loss_curves
     from nemo_upcycle.train.run import load_config, train
+    from nemo_upcycle.verify import VerifyOptions
 
     out = s.out
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,7 @@ def run_demo(s: DemoSettings) -> DemoResult:
         for name in s.recipes:
             target = out / "models" / f"{name}.nemo"
             summary = convert(dense, target, UpcycleConfig.from_shorthand(name, router=s.router),
-                              overwrite=True, verify_layers=0, progress=not s.quick)
+                              write=WriteOptions(overwrite=True), verify=VerifyOptions(), progress=not s.quick)
             print(summary.table())
             models[name], verify[name] = target, summary.verify
 

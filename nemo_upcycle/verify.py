@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -73,6 +74,16 @@ def identity_holds(recipe: UpcycleConfig, activation: str) -> bool:
 
 DEFAULT_THRESHOLD = 1e-3  # largest relative held-out loss gap (MoE vs dense) that passes
 PROMPTS = ("The capital of France is", "A river carries sand and")
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What a conversion's step-0 verification measures: the first `layers` layers (0 = all), on `text` (None:
+    the bundled held-out sample), failing above a relative loss gap of `threshold`."""
+
+    layers: int = 0
+    text: str | None = None
+    threshold: float = DEFAULT_THRESHOLD
 
 
 def verify_tokens(tokenizer, vocab_size: int, text: str | None = None, max_tokens: int = 512) -> torch.Tensor:

@@ -40,6 +40,7 @@ def make(root: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from nemo_upcycle.checkpoint import WriteOptions
     from nemo_upcycle.convert import convert
     from nemo_upcycle.recipe import UpcycleConfig
 
@@ -59,7 +60,7 @@ def make(root: Path) -> None:
         out = root / name
         if not out.exists():
             recipe = UpcycleConfig.from_shorthand("E4G2T2", router_init_std=0.5, **options)
-            convert(dense, out, recipe, output_format="hf", hf_arch=arch, progress=False)
+            convert(dense, out, recipe, write=WriteOptions("hf", hf_arch=arch), progress=False)
         cases.append({"name": name, "folder": str(out), "dense": str(dense), "arch": arch, "exact": exact})
     (root / "cases.json").write_text(json.dumps(cases, indent=1))
 

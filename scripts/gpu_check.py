@@ -60,7 +60,7 @@ def dense_config(scale: str):
 
 def upcycle_both_ways(dense_cfg, workdir: Path) -> dict:
     """In memory and through the converter; returns {recipe: (moe_cfg, state)} after checking they agree."""
-    from nemo_upcycle.checkpoint import open_checkpoint
+    from nemo_upcycle.checkpoint import WriteOptions, open_checkpoint
     from nemo_upcycle.checkpoint.nemo import NemoWriter
     from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
     from nemo_upcycle.convert import convert
@@ -83,7 +83,7 @@ def upcycle_both_ways(dense_cfg, workdir: Path) -> dict:
         recipe = UpcycleConfig.from_shorthand(name)
         moe_cfg, in_memory = upcycle_state_dict(dense, dense_cfg, recipe)
         in_memory = stack_experts(in_memory)
-        s = convert(src, workdir / f"{name}.nemo", recipe, overwrite=True, progress=False)
+        s = convert(src, workdir / f"{name}.nemo", recipe, write=WriteOptions(overwrite=True), progress=False)
         with open_checkpoint(workdir / f"{name}.nemo") as r:
             written = r.state_dict()
         same = written.keys() == in_memory.keys() and all(torch.equal(written[k], in_memory[k]) for k in written)

@@ -5,11 +5,12 @@ torch_dist directories, Hugging Face folders (Llama, Mistral, Qwen2, Qwen3, Nemo
 Qwen3-MoE), Llama GGUF files (llama.cpp; dequantised). Writers: `.nemo` (NeMo 1.x MegatronGPTModel), Megatron torch_dist, Hugging Face MoE folders.
 """
 
-from nemo_upcycle.checkpoint.base import CheckpointReader, CheckpointWriter, SourceMeta, TensorInfo
+from nemo_upcycle.checkpoint.base import (
+    CheckpointReader, CheckpointWriter, ReadOptions, SourceMeta, TensorInfo, WriteOptions)
 from nemo_upcycle.checkpoint.formats import (
     INPUT_FORMATS, OUTPUT_FORMATS, READERS, WRITERS, detect_format, make_writer, open_checkpoint)
 from nemo_upcycle.checkpoint.loading import load_model, load_tokenizer_of, tokenizer_from_argument
 
-__all__ = ["CheckpointReader", "CheckpointWriter", "SourceMeta", "TensorInfo", "INPUT_FORMATS", "OUTPUT_FORMATS",
-           "READERS", "WRITERS", "detect_format", "make_writer", "open_checkpoint", "load_model",
-           "load_tokenizer_of", "tokenizer_from_argument"]
+__all__ = ["CheckpointReader", "CheckpointWriter", "ReadOptions", "SourceMeta", "TensorInfo", "WriteOptions",
+           "INPUT_FORMATS", "OUTPUT_FORMATS", "READERS", "WRITERS", "detect_format", "make_writer", "open_checkpoint",
+           "load_model", "load_tokenizer_of", "tokenizer_from_argument"]

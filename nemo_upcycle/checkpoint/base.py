@@ -25,18 +25,21 @@ from nemo_upcycle.models.manifest import TensorInfo
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """What some formats need to be read: `model_config`, NeMo-style model fields for Megatron directories
-    without saved args; `gguf_dtype`, what a GGUF file's (quantised) tensors are dequantised to."""
+    """How to read a checkpoint: `format`, an input format name or auto (detected); `model_config`, NeMo-style
+    model fields for Megatron directories without saved args; `gguf_dtype`, what a GGUF file's (quantised)
+    tensors are dequantised to."""
 
+    format: str = "auto"
     model_config: dict[str, Any] | None = None
     gguf_dtype: torch.dtype = torch.bfloat16
 
 
 @dataclass(frozen=True)
 class WriteOptions:
-    """What some formats need to be written: `pack` (.nemo as a tar, else a directory); `hf_arch`,
-    `max_shard_size` and `target_engine` (Hugging Face folders)."""
+    """How to write a checkpoint: `format`, an output format name; `overwrite` an existing output; `pack` (.nemo
+    as a tar, else a directory); `hf_arch`, `max_shard_size` and `target_engine` (Hugging Face folders)."""
 
+    format: str = "nemo"
     overwrite: bool = False
     pack: bool = True
     hf_arch: str | None = None

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
-from typing import Any
 
-from nemo_upcycle.checkpoint.base import CheckpointReader
+from nemo_upcycle.checkpoint.base import CheckpointReader, ReadOptions
 from nemo_upcycle.checkpoint.formats import open_checkpoint
 from nemo_upcycle.checkpoint.nemo import NemoFiles
 from nemo_upcycle.data.tokenizers import (
@@ -48,13 +47,13 @@ def tokenizer_from_argument(argument: str) -> Tokenizer:
     return SentencePieceTokenizer(path)
 
 
-def load_model(path: Path | str, input_format: str = "auto", model_config: dict[str, Any] | None = None):
+def load_model(path: Path | str, options: ReadOptions = ReadOptions()):
     """A checkpoint as (reference GPTModel in eval mode, its tokenizer), all in memory: for evaluation and
     small-scale work. Weights keep their stored dtype."""
     from nemo_upcycle.models.keys import unstack_experts
     from nemo_upcycle.models.reference import GPTModel
 
-    with open_checkpoint(path, input_format, model_config) as reader:
+    with open_checkpoint(path, options) as reader:
         state = unstack_experts(reader.state_dict())
         dtypes = {t.dtype for t in state.values()}
         model = GPTModel(reader.config)

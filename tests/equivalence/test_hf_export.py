@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from nemo_upcycle.checkpoint import open_checkpoint
+from nemo_upcycle.checkpoint import WriteOptions, open_checkpoint
 from nemo_upcycle.convert import convert
 from nemo_upcycle.recipe import UpcycleConfig
 from tests.hf_fixtures import folder_tensors, hf_config, load_hf, logits, rewrite_tensors, save_dense
@@ -41,7 +41,7 @@ def dense(tmp_path_factory):
 def export(src, out, arch, **recipe):
     recipe = UpcycleConfig.from_shorthand(recipe.pop("shorthand", "E4G2T2"), **{"router_init": "virtual_group",
                                                                                  "router_init_std": 0.5, **recipe})
-    convert(src, out, recipe, output_format="hf", hf_arch=arch, progress=False)
+    convert(src, out, recipe, write=WriteOptions("hf", hf_arch=arch), progress=False)
     return load_hf(out)
 
 
@@ -162,8 +162,8 @@ def test_folder_layout_shards_index_config_and_tokenizer(dense, tmp_path):
     assert json.loads(generation) == json.loads((src / "generation_config.json").read_text())
 
     small = tmp_path / "sharded"
-    convert(src, small, UpcycleConfig.from_shorthand("E4G1T2", router="topk_then_softmax"), output_format="hf",
-            hf_arch="qwen2_moe", max_shard_size="40KB", progress=False)
+    convert(src, small, UpcycleConfig.from_shorthand("E4G1T2", router="topk_then_softmax"),
+            write=WriteOptions("hf", hf_arch="qwen2_moe", max_shard_size="40KB"), progress=False)
     sizes = [p.stat().st_size for p in small.glob("*.safetensors")]
     assert len(sizes) > 3 and max(sizes) < parse_size("40KB") + 30_000  # a shard ends at the tensor that crosses 40KB
     assert (logits(load_hf(small)) - logits(model)).abs().max().item() < 1e-5
@@ -181,7 +181,7 @@ def test_bytes_reach_disk_as_each_layer_is_computed(dense, tmp_path):
     on_disk = {}
     with open_checkpoint(src) as reader:
         plan = plan_conversion(reader, recipe)
-        writer = make_writer("hf", tmp_path / "moe", hf_arch="mixtral")
+        writer = make_writer(tmp_path / "moe", WriteOptions("hf", hf_arch="mixtral"))
         stream = LayerStream(reader, plan)
 
         def fetch(name):  # record what is on disk when layer 1 is first asked for

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from nemo_upcycle.checkpoint import open_checkpoint
+from nemo_upcycle.checkpoint import WriteOptions, open_checkpoint
 from nemo_upcycle.convert import convert
 from nemo_upcycle.models import GPTModel
 from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
@@ -50,7 +50,7 @@ def test_common_pt_args_rebuild_the_model_in_megatron(megatron, tmp_path):
     dense = random_model(cfg)
     src = write_nemo_dir(tmp_path / "dense", dense, spm=None)
     recipe = UpcycleConfig.from_shorthand("E2G2T2", layers=(0, 2))
-    convert(src, tmp_path / "out", recipe, output_format="megatron", progress=False)
+    convert(src, tmp_path / "out", recipe, write=WriteOptions("megatron"), progress=False)
 
     register_safe_globals()  # Megatron-LM's and Bridge's loaders do this before reading common.pt
     common = dist_checkpointing.load_common_state_dict(str(tmp_path / "out" / "iter_0000000"))
@@ -82,7 +82,7 @@ def test_our_reader_takes_the_model_from_the_args_alone(megatron, tmp_path):
     cfg = small_config(activation="squared-relu", normalization="layernorm1p")
     src = write_nemo_dir(tmp_path / "dense", random_model(cfg), spm=None)
     recipe = UpcycleConfig.from_shorthand("E4G2T2", shared_expert=True)
-    convert(src, tmp_path / "out", recipe, output_format="megatron", progress=False)
+    convert(src, tmp_path / "out", recipe, write=WriteOptions("megatron"), progress=False)
     want = open_checkpoint(tmp_path / "out").config
     (tmp_path / "out" / "model_config.yaml").unlink()  # leave common.pt's args the only description
     got = open_checkpoint(tmp_path / "out").config
@@ -98,7 +98,8 @@ def test_reading_args_leaves_megatron_able_to_load_common_pt(megatron, tmp_path)
     from megatron.core import dist_checkpointing
 
     src = write_nemo_dir(tmp_path / "dense", random_model(small_config()), spm=None)
-    convert(src, tmp_path / "out", UpcycleConfig.from_shorthand("E2G1T2"), output_format="megatron", progress=False)
+    convert(src, tmp_path / "out", UpcycleConfig.from_shorthand("E2G1T2"), write=WriteOptions("megatron"),
+            progress=False)
     (tmp_path / "out" / "model_config.yaml").unlink()
     open_checkpoint(tmp_path / "out").close()  # reads common.pt's args
     common = dist_checkpointing.load_common_state_dict(str(tmp_path / "out" / "iter_0000000"))

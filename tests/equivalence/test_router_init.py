@@ -12,7 +12,7 @@ from nemo_upcycle.models.reference import GPTModel, MoELayer, Router, lm_loss
 from nemo_upcycle.recipe import UpcycleConfig, scaling_factors, upcycle_mlp, upcycle_state_dict
 from nemo_upcycle.recipe.calibration import group_multipliers
 from nemo_upcycle.recipe.experts import MLPWeights, shard_dense_mlp
-from nemo_upcycle.verify import group_problems
+from nemo_upcycle.verify import VerifyOptions, group_problems
 from tests.conftest import random_model, small_config
 
 TOKENS = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(21))
@@ -198,13 +198,13 @@ def test_verify_fails_when_the_loss_moves_and_names_the_cause(megatron, tmp_path
 
     # weights large enough that the MLP shapes the logits (at the default 0.05 a 3x MLP moves the loss < 0.1%)
     src = write_nemo_dir(tmp_path / "dense.nemo", random_model(swiglu_config(), scale=0.5), spm_model_bytes(tmp_path))
-    good = convert(src, tmp_path / "good.nemo", UpcycleConfig.from_shorthand("E4G2T2"), verify_layers=0,
+    good = convert(src, tmp_path / "good.nemo", UpcycleConfig.from_shorthand("E4G2T2"), verify=VerifyOptions(),
                    progress=False)
     assert good.verify["status"] == "PASSED"
     # weight scaling 3x the right factor: the recipe identity holds (it uses the recipe's s), the function does not
     old = UpcycleConfig.from_shorthand("E4G2T2", weight_scaling=3 * 16.0)
-    bad = convert(src, tmp_path / "bad.nemo", old, verify_layers=0, progress=False)
+    bad = convert(src, tmp_path / "bad.nemo", old, verify=VerifyOptions(), progress=False)
     assert bad.verify["status"].startswith("FAILED: held-out loss moved")
     assert "rho spread" in bad.verify["status"]
-    lenient = convert(src, tmp_path / "lenient.nemo", old, verify_layers=0, progress=False, verify_threshold=1.0)
+    lenient = convert(src, tmp_path / "lenient.nemo", old, verify=VerifyOptions(threshold=1.0), progress=False)
     assert lenient.verify["status"] == "PASSED"

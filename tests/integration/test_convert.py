@@ -10,12 +10,13 @@ import pytest
 import torch
 import yaml
 
-from nemo_upcycle.checkpoint import open_checkpoint
+from nemo_upcycle.checkpoint import WriteOptions, open_checkpoint
 from nemo_upcycle.convert import convert
 from nemo_upcycle.models import GPTModel
 from nemo_upcycle.models.keys import unstack_experts
 from nemo_upcycle.checkpoint import load_tokenizer_of
 from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
+from nemo_upcycle.verify import VerifyOptions
 from tests.conftest import random_model, small_config
 from tests.nemo_fixtures import pack_nemo, spm_model_bytes, write_nemo_dir
 
@@ -89,7 +90,7 @@ def test_megatron_output_with_mixed_layers_loads_in_megatron(megatron, tmp_path)
     dense = random_model(cfg)
     src = write_nemo_dir(tmp_path / "dense", dense, spm=None)
     recipe = UpcycleConfig.from_shorthand("E2G2T2", layers=(0, 2), router="topk_then_softmax")
-    convert(src, tmp_path / "out", recipe, output_format="megatron", progress=False)
+    convert(src, tmp_path / "out", recipe, write=WriteOptions("megatron"), progress=False)
     assert (tmp_path / "out" / "latest_checkpointed_iteration.txt").read_text() == "0"
     flags = (tmp_path / "out" / "megatron_args.txt").read_text().split("\n")
     assert "--num-experts 4" in flags and "--moe-ffn-hidden-size 32" in flags and "--swiglu" in flags
@@ -136,7 +137,7 @@ def test_gzip_tar_and_directory_inputs(megatron, tmp_path):
     d = write_nemo_dir(tmp_path / "dense", dense, spm=None)
     gz = pack_nemo(d, tmp_path / "dense.nemo.gz", gzip=True)
     recipe = UpcycleConfig.from_shorthand("E2G1T2")
-    convert(d, tmp_path / "a.nemo", recipe, progress=False, pack=False)
+    convert(d, tmp_path / "a.nemo", recipe, write=WriteOptions(pack=False), progress=False)
     convert(gz, tmp_path / "b.nemo", recipe, progress=False)
     assert (tmp_path / "a.nemo").is_dir()
     a, b = _outputs(tmp_path / "a.nemo"), _outputs(tmp_path / "b.nemo")
@@ -169,7 +170,8 @@ def test_bf16_stays_bf16_and_verify_passes(megatron, tmp_path):
     dense = random_model(small_config())
     dense.to(torch.bfloat16)
     d = write_nemo_dir(tmp_path / "dense", dense, spm=None)
-    s = convert(d, tmp_path / "moe.nemo", UpcycleConfig.from_shorthand("E2G2T2"), progress=False, verify_layers=0)
+    s = convert(d, tmp_path / "moe.nemo", UpcycleConfig.from_shorthand("E2G2T2"), verify=VerifyOptions(),
+                progress=False)
     assert s.verify["status"] == "PASSED"
     with open_checkpoint(tmp_path / "moe.nemo") as r:
         assert {t.dtype for t in r.tensors().values()} == {torch.bfloat16}
@@ -198,6 +200,6 @@ def test_megatron_lm_and_bridge_directories_read_their_config(megatron, tmp_path
         assert r.config == cfg
 
     recipe = UpcycleConfig.from_shorthand("E2G1T2")
-    convert(lm, tmp_path / "moe", recipe, output_format="megatron", progress=False)
+    convert(lm, tmp_path / "moe", recipe, write=WriteOptions("megatron"), progress=False)
     with open_checkpoint(tmp_path / "moe") as r:  # our own Megatron output reads back, config included
         assert r.config == upcycle_state_dict(dense.state_dict(), cfg, recipe)[0]

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from nemo_upcycle.checkpoint import open_checkpoint
+from nemo_upcycle.checkpoint import WriteOptions, open_checkpoint
 from nemo_upcycle.cli import main
 from nemo_upcycle.convert import LayerStream, convert
 from nemo_upcycle.errors import UpcycleError
@@ -120,7 +120,7 @@ def test_refuses_to_overwrite_unless_told(dense_dir, tmp_path):
     out.write_text("precious")
     one_line_error(lambda: convert(dense_dir, out, RECIPE, progress=False), "already exists")
     assert out.read_text() == "precious"
-    convert(dense_dir, out, RECIPE, progress=False, overwrite=True)
+    convert(dense_dir, out, RECIPE, write=WriteOptions(overwrite=True), progress=False)
     assert tarfile.is_tarfile(out)
 
 
@@ -136,7 +136,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(dense_dir, tmp_path,
     before = {p: p.stat().st_mtime_ns for p in dense_dir.rglob("*")}
     for fmt in ("nemo", "megatron"):
         with pytest.raises(KeyboardInterrupt):
-            convert(dense_dir, tmp_path / f"out-{fmt}", RECIPE, output_format=fmt, progress=False)
+            convert(dense_dir, tmp_path / f"out-{fmt}", RECIPE, write=WriteOptions(fmt), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no output, no leftovers
     assert {p: p.stat().st_mtime_ns for p in dense_dir.rglob("*")} == before  # input untouched
 

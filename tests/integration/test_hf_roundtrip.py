@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from nemo_upcycle.checkpoint import open_checkpoint
+from nemo_upcycle.checkpoint import WriteOptions, open_checkpoint
 from nemo_upcycle.cli import main
 from nemo_upcycle.convert import convert
 from nemo_upcycle.errors import UpcycleError
@@ -49,12 +49,12 @@ def test_hf_moe_to_nemo_and_megatron_and_back_is_bit_identical(megatron, tmp_pat
         model.to(dtype).save_pretrained(tmp_path / "dense")
     moe = tmp_path / "moe"
     convert(tmp_path / "dense", moe, UpcycleConfig.from_shorthand("E4G2T2", router_init="virtual_group", router_init_std=0.5, **recipe),
-            output_format="hf", hf_arch=arch, progress=False)
+            write=WriteOptions("hf", hf_arch=arch), progress=False)
     want = folder_tensors(moe)
     assert {t.dtype for t in want.values()} == {dtype}
     for fmt, path, prefix in (("nemo", "moe.nemo", "model."), ("megatron", "moe-megatron", "")):
-        convert(moe, tmp_path / path, None, output_format=fmt, progress=False)
-        convert(tmp_path / path, tmp_path / f"back-{fmt}", None, output_format="hf", hf_arch=arch, progress=False)
+        convert(moe, tmp_path / path, None, write=WriteOptions(fmt), progress=False)
+        convert(tmp_path / path, tmp_path / f"back-{fmt}", None, write=WriteOptions("hf", hf_arch=arch), progress=False)
         got = folder_tensors(tmp_path / f"back-{fmt}")
         assert got.keys() == want.keys()
         assert all(_bytes(got[k]) == _bytes(want[k]) for k in want), fmt
@@ -66,7 +66,7 @@ def test_hf_moe_to_nemo_and_megatron_and_back_is_bit_identical(megatron, tmp_pat
             cfg = r.config
         assert cfg.router_type == recipe["router"]
         ckpt = tmp_path / "nemo-dir"
-        convert(moe, ckpt, None, output_format="nemo", pack=False, progress=False)
+        convert(moe, ckpt, None, write=WriteOptions("nemo", pack=False), progress=False)
         torch.testing.assert_close(megatron_logits(cfg, ckpt / "model_weights", "model."), logits(load_hf(moe)),
                                    rtol=1e-5, atol=1e-5)
 
@@ -74,11 +74,11 @@ def test_hf_moe_to_nemo_and_megatron_and_back_is_bit_identical(megatron, tmp_pat
 def test_shared_expert_round_trips_through_nemo_config(tmp_path):
     save_dense(tmp_path / "dense", "llama")
     convert(tmp_path / "dense", tmp_path / "moe.nemo", UpcycleConfig.from_shorthand("E2G2T2", shared_expert=True),
-            progress=False, pack=False)
+            write=WriteOptions(pack=False), progress=False)
     conf = yaml.safe_load((tmp_path / "moe.nemo" / "model_config.yaml").read_text())
     assert conf["moe_shared_expert_intermediate_size"] == 64 and conf["moe_shared_expert_gate"] is True
     convert(tmp_path / "dense", tmp_path / "moe-mlm", UpcycleConfig.from_shorthand("E2G2T2", shared_expert=True),
-            output_format="megatron", progress=False)
+            write=WriteOptions("megatron"), progress=False)
     flags = (tmp_path / "moe-mlm" / "megatron_args.txt").read_text().split("\n")
     assert "--moe-shared-expert-intermediate-size 64" in flags and "--moe-shared-expert-gate" in flags
     with open_checkpoint(tmp_path / "moe.nemo") as a, open_checkpoint(tmp_path / "moe-mlm") as b:
@@ -94,7 +94,7 @@ def test_transformers_fused_expert_layout_reads_like_the_per_expert_one(tmp_path
 
     save_dense(tmp_path / "dense", "llama", tie_word_embeddings=True)
     convert(tmp_path / "dense", tmp_path / "moe", UpcycleConfig.from_shorthand("E4G2T2", router="topk_then_softmax"),
-            output_format="hf", hf_arch=arch, progress=False)
+            write=WriteOptions("hf", hf_arch=arch), progress=False)
     fused = load_hf(tmp_path / "moe").state_dict()
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in fused)
     (tmp_path / "fused").mkdir()
@@ -136,7 +136,7 @@ def test_unrepresentable_combinations_are_refused_before_any_work(sources, tmp_p
                                                                    fix):
     recipe = None if recipe is None else UpcycleConfig.from_shorthand("E4G2T2", **recipe)
     with pytest.raises(UpcycleError) as err:
-        convert(sources / source, tmp_path / "out", recipe, output_format="hf", hf_arch=arch, progress=False)
+        convert(sources / source, tmp_path / "out", recipe, write=WriteOptions("hf", hf_arch=arch), progress=False)
     text = str(err.value)
     assert text.startswith(f"hf_arch={arch} cannot represent this model exactly: ") and "\n" not in text
     assert problem in text and fix in text, text
@@ -175,14 +175,14 @@ def test_rope_scalings_megatron_and_nemo_cannot_express_are_refused(tmp_path):
     save_dense(tmp_path / "linear", "llama", rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})
     for fmt in ("nemo", "megatron"):
         with pytest.raises(UpcycleError, match="Megatron-core cannot express RoPE scaling yarn"):
-            convert(tmp_path / "yarn", tmp_path / "out", recipe, output_format=fmt, progress=False)
+            convert(tmp_path / "yarn", tmp_path / "out", recipe, write=WriteOptions(fmt), progress=False)
     with pytest.raises(UpcycleError, match="NeMo 1.x applies llama3 RoPE scaling with factor 8 only"):
         convert(tmp_path / "llama3", tmp_path / "out", recipe, progress=False)
     assert not (tmp_path / "out").exists()
-    convert(tmp_path / "llama3", tmp_path / "mlm", recipe, output_format="megatron", progress=False)
+    convert(tmp_path / "llama3", tmp_path / "mlm", recipe, write=WriteOptions("megatron"), progress=False)
     flags = (tmp_path / "mlm" / "megatron_args.txt").read_text().split("\n")
     assert "--use-rope-scaling" in flags and "--rope-scaling-factor 32" in flags
-    convert(tmp_path / "linear", tmp_path / "linear.nemo", recipe, progress=False, pack=False)
+    convert(tmp_path / "linear", tmp_path / "linear.nemo", recipe, write=WriteOptions(pack=False), progress=False)
     assert yaml.safe_load((tmp_path / "linear.nemo" / "model_config.yaml").read_text())[
         "seq_len_interpolation_factor"] == 2.0
     for out, src in (("mlm", "llama3"), ("linear.nemo", "linear")):
@@ -206,7 +206,7 @@ def test_a_sentencepiece_tokenizer_travels_hf_to_nemo_to_hf(tmp_path):
     save_dense(tmp_path / "dense", "llama")
     (tmp_path / "dense" / "tokenizer.model").write_bytes(spm)
     convert(tmp_path / "dense", tmp_path / "moe.nemo", UpcycleConfig.from_shorthand("E2G1T2"), progress=False)
-    convert(tmp_path / "moe.nemo", tmp_path / "hf", None, output_format="hf", hf_arch="qwen2_moe", progress=False)
+    convert(tmp_path / "moe.nemo", tmp_path / "hf", None, write=WriteOptions("hf", hf_arch="qwen2_moe"), progress=False)
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == spm
     sp = sentencepiece.SentencePieceProcessor(model_proto=spm)
     text = "def f(x): return x + 1"
@@ -230,8 +230,8 @@ def test_a_gateless_shared_expert_exports_as_a_zero_gate_and_doubled_down_proj(m
     moe_cfg = moe_cfg.replace(moe_shared_expert_gate=False)
     model = GPTModel(moe_cfg).eval()
     model.load_state_dict({k: v + 0.02 * torch.randn_like(v) for k, v in sd.items() if "gate_weight" not in k})
-    convert(write_nemo_dir(tmp_path / "moe.nemo", model, spm=None), tmp_path / "hf", None, output_format="hf",
-            hf_arch="qwen2_moe", progress=False)
+    convert(write_nemo_dir(tmp_path / "moe.nemo", model, spm=None), tmp_path / "hf", None,
+            write=WriteOptions("hf", hf_arch="qwen2_moe"), progress=False)
     got = folder_tensors(tmp_path / "hf")
     assert not got["model.layers.0.mlp.shared_expert_gate.weight"].any()
     assert torch.equal(got["model.layers.0.mlp.shared_expert.down_proj.weight"],

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from nemo_upcycle.checkpoint import make_writer, open_checkpoint
+from nemo_upcycle.checkpoint import WriteOptions, make_writer, open_checkpoint
 from nemo_upcycle.cli import main
 from nemo_upcycle.convert import LayerStream, convert, plan_conversion
 from nemo_upcycle.recipe import UpcycleConfig
-from nemo_upcycle.verify import verify_conversion
+from nemo_upcycle.verify import VerifyOptions, verify_conversion
 from tests.hf_fixtures import rewrite_tensors, save_dense
 
 
@@ -34,7 +34,7 @@ def dense(tmp_path_factory):
 def test_a_swapped_and_a_duplicated_expert_in_a_hugging_face_export_are_named(dense, tmp_path):
     recipe = UpcycleConfig.from_shorthand("E4G2T2", drop_ratio=0.5)  # every expert distinct
     out = tmp_path / "moe"
-    convert(dense, out, recipe, output_format="hf", hf_arch="qwen2_moe", progress=False)
+    convert(dense, out, recipe, write=WriteOptions("hf", hf_arch="qwen2_moe"), progress=False)
     assert problems(dense, out, recipe) == []
     layer = "model.layers.1.mlp.experts."
 
@@ -67,7 +67,8 @@ def _write_tampered(dense, out, recipe, output_format, tamper):
     with open_checkpoint(dense) as reader:
         plan = plan_conversion(reader, recipe)
         stream = LayerStream(reader, plan)
-        make_writer(output_format, out).write(plan.moe, plan.outputs, lambda n: tamper(n, stream.fetch(n)), reader.meta())
+        writer = make_writer(out, WriteOptions(output_format))
+        writer.write(plan.moe, plan.outputs, lambda n: tamper(n, stream.fetch(n)), reader.meta())
 
 
 @pytest.mark.parametrize("layers", [None, (1,)])  # torch_dist stacked layers, and per-layer keys
@@ -109,6 +110,6 @@ def test_cli_verify_writes_per_expert_checksums_next_to_the_output(dense, tmp_pa
 
 def test_torch_dist_verify_passes_for_a_good_conversion_with_drop_upcycling(dense, tmp_path):
     recipe = UpcycleConfig.from_shorthand("E2G2T2", drop_ratio=0.25, seed=7)
-    s = convert(dense, tmp_path / "moe.nemo", recipe, progress=False, verify_layers=0)
+    s = convert(dense, tmp_path / "moe.nemo", recipe, verify=VerifyOptions(), progress=False)
     assert s.verify["status"] == "not checked (no exact guarantee)"  # no identity for Drop-Upcycling ...
     assert s.verify["expert checksums"] == "all 18 tensors match the recipe"  # ... but the checksums still hold

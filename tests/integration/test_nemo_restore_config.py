@@ -14,6 +14,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from nemo_upcycle.checkpoint import WriteOptions
 from nemo_upcycle.checkpoint.nemo_config import NEMO_RESTORE_DEFAULTS
 from nemo_upcycle.convert import convert
 from nemo_upcycle.recipe import UpcycleConfig
@@ -58,7 +59,7 @@ def test_demo_without_optim_or_precision_converts_to_a_restorable_nemo(megatron,
     with pytest.raises(Exception, match="Key 'optim' is not in struct"):  # NeMo 2.4.1's error on such a file
         replay_nemo_restore_reads(as_nemo_reads_it)
     out = tmp_path / "moe.nemo"
-    convert(DEMO, out, UpcycleConfig.from_shorthand("E2G1T2"), output_format="nemo", progress=False)
+    convert(DEMO, out, UpcycleConfig.from_shorthand("E2G1T2"), write=WriteOptions("nemo"), progress=False)
     values, cfg = nemo_config_of(out)
     replay_nemo_restore_reads(cfg)
     assert values["optim"] == NEMO_RESTORE_DEFAULTS["optim"]
@@ -72,7 +73,7 @@ def test_the_sources_own_sections_are_kept(megatron, tmp_path):
     source.update(optim={"name": "distributed_fused_adam", "lr": 3e-4}, micro_batch_size=2, seed=7)
     (src / "model_config.yaml").write_text(yaml.safe_dump(source))
     out = tmp_path / "moe.nemo"
-    convert(src, out, UpcycleConfig.from_shorthand("E2G1T2"), output_format="nemo", progress=False)
+    convert(src, out, UpcycleConfig.from_shorthand("E2G1T2"), write=WriteOptions("nemo"), progress=False)
     values, cfg = nemo_config_of(out)
     replay_nemo_restore_reads(cfg)
     assert values["optim"] == {"name": "distributed_fused_adam", "lr": 3e-4}
@@ -81,5 +82,6 @@ def test_the_sources_own_sections_are_kept(megatron, tmp_path):
 
     del source["precision"]  # then it follows the weights (float32 here), not NeMo's bf16 default
     (src / "model_config.yaml").write_text(yaml.safe_dump(source))
-    convert(src, tmp_path / "moe32.nemo", UpcycleConfig.from_shorthand("E2G1T2"), output_format="nemo", progress=False)
+    convert(src, tmp_path / "moe32.nemo", UpcycleConfig.from_shorthand("E2G1T2"), write=WriteOptions("nemo"),
+            progress=False)
     assert nemo_config_of(tmp_path / "moe32.nemo")[0]["precision"] == 32

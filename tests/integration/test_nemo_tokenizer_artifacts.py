@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nemo_upcycle.checkpoint import load_tokenizer_of, tokenizer_from_argument
+from nemo_upcycle.checkpoint import WriteOptions, load_tokenizer_of, tokenizer_from_argument
 from nemo_upcycle.cli import main
 from nemo_upcycle.convert import convert
 from nemo_upcycle.data.preprocess import preprocess
@@ -88,6 +88,6 @@ def test_moved_source_trains(converted, megatron, tmp_path):
 
 def test_hf_export_of_the_nemo_carries_the_same_tokenizer_files(converted, tmp_path):
     root, _, files, _ = converted
-    convert(root / "moe.nemo", tmp_path / "hf", None, output_format="hf", hf_arch="qwen2_moe", progress=False)
+    convert(root / "moe.nemo", tmp_path / "hf", None, write=WriteOptions("hf", hf_arch="qwen2_moe"), progress=False)
     for name, data in files.items():
         assert (tmp_path / "hf" / name).read_bytes() == data, name

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_upcycle.checkpoint import WriteOptions
 from nemo_upcycle.convert import convert
 from nemo_upcycle.recipe import UpcycleConfig
 from tests.conftest import random_model, small_config, torchrun
@@ -19,7 +20,7 @@ ROOT = Path(__file__).parents[2]
 def test_converted_checkpoint_loads_at_tp2_and_ep2(megatron, tmp_path, fmt, parallel):
     dense = write_nemo_dir(tmp_path / "dense", random_model(small_config()), spm=None)
     out = tmp_path / "moe"
-    convert(dense, out, UpcycleConfig.from_shorthand("E4G2T2"), output_format=fmt, pack=False, progress=False)
+    convert(dense, out, UpcycleConfig.from_shorthand("E4G2T2"), write=WriteOptions(fmt, pack=False), progress=False)
     target = out if fmt == "nemo" else out / "iter_0000000"
     proc = torchrun([str(ROOT / "scripts" / "parallel_load_check.py"), str(target), parallel, "2"], timeout=300)
     ranks = re.findall(r"rank (\d): TP=\d EP=\d max abs logit diff vs reference ([0-9.e+-]+)", proc.stdout)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from nemo_upcycle.checkpoint import WriteOptions
 from nemo_upcycle.convert import convert
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.recipe import UpcycleConfig
@@ -39,7 +40,7 @@ def sources(tmp_path_factory):
 
 def export(src, out, arch, engine, **options):
     recipe = UpcycleConfig.from_shorthand("E2G2T2", **options)
-    convert(src, out, recipe, output_format="hf", hf_arch=arch, progress=False, target_engine=engine)
+    convert(src, out, recipe, write=WriteOptions("hf", hf_arch=arch, target_engine=engine), progress=False)
 
 
 @pytest.mark.parametrize("engine, source, arch, options, reason", REFUSED)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nemo_upcycle.checkpoint import READERS, WRITERS, detect_format, make_writer
+from nemo_upcycle.checkpoint import READERS, WRITERS, WriteOptions, detect_format, make_writer
 from nemo_upcycle.errors import UpcycleError
 from tests.conftest import small_config
 
@@ -40,14 +40,14 @@ def test_writers_name_what_they_cannot_represent(tmp_path):
     llama3 = small_config(activation="swiglu", normalization="rmsnorm", rope_scaling_type="llama3",
                           rope_scaling_factor=32.0, rope_original_max_position_embeddings=8192,
                           rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
-    assert "factor 8 only" in make_writer("nemo", tmp_path / "a").problem(llama3)
-    assert make_writer("megatron", tmp_path / "a").problem(llama3) is None
-    assert "no flag for activation 'geglu'" in make_writer("megatron", tmp_path / "a").problem(
+    assert "factor 8 only" in make_writer(tmp_path / "a", WriteOptions("nemo")).problem(llama3)
+    assert make_writer(tmp_path / "a", WriteOptions("megatron")).problem(llama3) is None
+    assert "no flag for activation 'geglu'" in make_writer(tmp_path / "a", WriteOptions("megatron")).problem(
         small_config(activation="geglu"))
-    assert make_writer("nemo", tmp_path / "a").problem(small_config()) is None
+    assert make_writer(tmp_path / "a", WriteOptions("nemo")).problem(small_config()) is None
     for fmt in ("nemo", "megatron"):
         with pytest.raises(UpcycleError, match="target_engine is for output_format=hf exports"):
-            make_writer(fmt, tmp_path / "a", target_engine="vllm")
+            make_writer(tmp_path / "a", WriteOptions(fmt, target_engine="vllm"))
     with pytest.raises(UpcycleError, match="output_format=hf needs hf_arch"):
-        make_writer("hf", tmp_path / "a")
+        make_writer(tmp_path / "a", WriteOptions("hf"))
     assert not (tmp_path / "a").exists()  # making a writer writes nothing

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nemo_upcycle.checkpoint import make_writer
+from nemo_upcycle.checkpoint import WriteOptions, make_writer
 from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
 from nemo_upcycle.convert import Copy, LayerStream, UpcycleMLP, check_one_layer_at_a_time, plan_conversion
 from nemo_upcycle.errors import UpcycleError
@@ -37,7 +37,7 @@ def test_plan_copies_what_the_input_holds_and_upcycles_the_mlp_of_moe_layers(den
 @pytest.mark.parametrize("fmt, options", [("nemo", {}), ("megatron", {}), ("hf", {"hf_arch": "qwen2_moe"})])
 def test_every_writer_declares_an_order_of_one_layer_at_a_time(dense, tmp_path, fmt, options):
     plan = plan_conversion(dense, RECIPE)
-    order = make_writer(fmt, tmp_path / "out", **options).fetch_order(plan.moe, plan.outputs)
+    order = make_writer(tmp_path / "out", WriteOptions(fmt, **options)).fetch_order(plan.moe, plan.outputs)
     assert sorted(order) == sorted(plan.outputs)  # every tensor, once
     check_one_layer_at_a_time(order, fmt)
 
