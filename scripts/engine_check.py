@@ -59,7 +59,7 @@ def make(root: Path) -> None:
             model.save_pretrained(dense)
         out = root / name
         if not out.exists():
-            recipe = UpcycleConfig.from_shorthand("E4G2T2", router_init_std=0.5, **options)
+            recipe = UpcycleConfig.from_shorthand("E4G2T2", router_init="virtual_group", router_init_std=0.5, **options)
             convert(dense, out, recipe, write=WriteOptions("hf", hf_arch=arch), progress=False)
         cases.append({"name": name, "folder": str(out), "dense": str(dense), "arch": arch, "exact": exact})
     (root / "cases.json").write_text(json.dumps(cases, indent=1))
