@@ -60,10 +60,11 @@ def run_arm(name: str, seed: int, args, dense: Path, data: Path, held_out) -> di
     """Upcycle (or not), measure the step-0 loss, continue training, measure again."""
     from nemo_upcycle.train.nemo_model import MegatronUpcycledGPTModel
     from nemo_upcycle.recipe import UpcycleConfig
-    from nemo_upcycle.train.compare import mean_loss, training_overrides
+    from nemo_upcycle.train.compare import mean_loss, training_overrides, whole_group_fraction
     from nemo_upcycle.train.run import load_config, train
 
     recipe = ARMS[name]
+    granularity = UpcycleConfig.from_dict(recipe).granularity if recipe else 1
     start = time.perf_counter()
     overrides = training_overrides(args.out / "runs", f"{name.replace(' ', '_').replace('=', '')}_s{seed}", dense,
                                    data, args.steps, args.batch, args.lr, seed=seed)
@@ -79,7 +80,9 @@ def run_arm(name: str, seed: int, args, dense: Path, data: Path, held_out) -> di
     after = mean_loss(run.model.backend.model, held_out)
     out = {"seed": seed, "step0": step0, "after": after, "seconds": time.perf_counter() - start,
            "active": run.model.gpt_config.num_parameters(active=True), "total": run.model.gpt_config.num_parameters(),
-           "curve": run.loss_history}
+           "curve": run.loss_history,
+           "whole_groups": whole_group_fraction(run.model.backend.model, held_out, granularity) if granularity > 1
+           else None}
     print(f"{name} seed {seed}: step-0 {step0:.4f} -> {after:.4f} ({out['seconds']:.0f} s)", flush=True)
     return out
 
@@ -95,6 +98,7 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
                      "vs_dense": statistics.mean(vs) if vs else None, "vs_dense_spread": spread(vs) if vs else None,
                      "by_seed": {r["seed"]: r["after"] for r in runs},
                      "seeds": len(runs), "seconds": statistics.mean(r["seconds"] for r in runs),
+                     "whole_groups": runs[0].get("whole_groups"),
                      "total": runs[0]["total"], "active": runs[0]["active"]}
     return out
 
@@ -202,10 +206,11 @@ def write_results(results: dict[str, list[dict]], args, dense: Path, val_batches
     rows = [[name, f"{r['total'] / 1e6:.2f}M / {r['active'] / 1e6:.2f}M", r["seeds"], f"{r['step0']:.4f}",
              f"{r['after']:.4f} +- {r['after_spread']:.4f}",
              "-" if r["vs_dense"] is None else f"{r['vs_dense']:+.2f}% +- {r['vs_dense_spread']:.2f}%",
+             "-" if r["whole_groups"] is None else f"{100 * r['whole_groups']:.0f}%",
              f"{r['seconds']:.0f}"] for name, r in s.items()]
     table = markdown_table(["arm", "params total / active", "seeds", "step-0 val loss",
                             f"val loss after {args.steps} steps", "vs dense continued (paired by seed)",
-                            "seconds per run"], rows)
+                            "whole-group routings after (G>1)", "seconds per run"], rows)
     verdicts = markdown_table(["finding", "measured", "reproduced"], findings(s))
     tokens = args.steps * args.batch * (seq - 1)
     header = (f"Dense source {dense}; {args.steps} steps x {args.batch} sequences (~{tokens / 1e6:.2f}M tokens) per "

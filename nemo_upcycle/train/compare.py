@@ -51,3 +51,24 @@ def mean_loss(model, batches: list[torch.Tensor]) -> float:
     return sum(lm_loss(model(b[:, :-1]).logits, b[:, 1:]).item() for b in batches) / len(batches)
 
 
+
+
+@torch.no_grad()
+def whole_group_fraction(model, batches: list[torch.Tensor], granularity: int) -> float:
+    """Fraction of (token, MoE layer) routings whose chosen experts include every one of the G shards of the
+    dense MLP (expert k holds shard k mod G). A fine-grained upcycle computes the dense function only while this
+    is 1.0, as virtual groups make it at step 0; when training unties a group's router rows, tokens take some
+    shards twice and others not at all (benchmarks/replicate_paper.py measures how fast)."""
+    model = model.float().eval()
+    whole = total = 0
+    for b in batches:
+        model(b[:, :-1])
+        for layer in model.decoder.layers:
+            routing = getattr(layer.mlp, "last_routing", None)
+            if routing is None:
+                continue
+            shards = routing.experts % granularity  # (tokens, T)
+            has = torch.zeros(shards.shape[0], granularity, dtype=torch.bool).scatter_(1, shards, True)
+            whole += int(has.all(dim=1).sum())
+            total += shards.shape[0]
+    return whole / total if total else 1.0
