@@ -315,6 +315,9 @@ class MegatronUpcycledGPTModel(ModelPT):
         """Megatron's optimizer (with NeMo's LR schedule) under the engine; NeMo's optimizer otherwise."""
         if not self.uses_engine:
             return super().configure_optimizers()
+        if float(self.cfg.get("expert_lr_mult", 1.0)) != 1.0:
+            raise UpcycleError("expert_lr_mult is applied by the torch backend's optimizer only: use backend=torch, "
+                               "or expert_lr_mult=1.0 with the megatron backend")
         from nemo.core.optim import prepare_lr_scheduler
 
         optim = OmegaConf.to_container(self.cfg.optim, resolve=True)
@@ -327,12 +330,22 @@ class MegatronUpcycledGPTModel(ModelPT):
         return [optimizer], [scheduler]
 
     def setup_optimizer_param_groups(self) -> None:
-        """No weight decay on norms and biases (Megatron's default)."""
-        decay, no_decay = [], []
+        """No weight decay on norms and biases (Megatron's default). With `expert_lr_mult` m != 1 the routed
+        experts' weight matrices get their own group at lr * m and weight decay / m (the same decay per step):
+        weight scaling multiplies them by f, so Adam's fixed-size steps change them f times less, relatively, than
+        the dense weights they were copied from; m = f restores the dense model's relative step size."""
+        mult = float(self.cfg.get("expert_lr_mult", 1.0))
+        decay, no_decay, experts = [], [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)
+                if p.ndim < 2:
+                    no_decay.append(p)
+                else:
+                    (experts if mult != 1.0 and ".experts." in name else decay).append(p)
         self._optimizer_param_groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if experts:
+            lr, wd = float(self.cfg.optim.lr), float(self.cfg.optim.get("weight_decay", 0.0))
+            self._optimizer_param_groups.append({"params": experts, "lr": lr * mult, "weight_decay": wd / mult})
 
     # ---- data ----------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

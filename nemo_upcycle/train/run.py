@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_upcycle.errors import UpcycleError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-TRAINING_FIELDS = ("backend", "micro_batch_size", "global_batch_size")
+TRAINING_FIELDS = ("backend", "micro_batch_size", "global_batch_size", "expert_lr_mult")
 
 
 @dataclass

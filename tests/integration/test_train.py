@@ -251,3 +251,24 @@ def test_parallel_sizes_get_one_line_errors(workdir):
         interleaved.check(4, "megatron", global_batch_size=12, micro_batch_size=2)
     with pytest.raises(UpcycleError, match="overlap_param_gather needs use_distributed_optimizer"):
         ParallelLayout(overlap_param_gather=True).check(2, "megatron")
+
+
+def test_expert_lr_mult_scales_the_experts_step_and_nothing_else(workdir):
+    """One AdamW step (no decay) from the same start on the same batch: Adam's first step is lr * sign(grad) per
+    element, so the experts' weight matrices move m times as far with expert_lr_mult=m, every other tensor the same."""
+    start = weights(MegatronUpcycledGPTModel.restore_from(str(workdir / "moe.nemo")))
+    moved = {}
+    for mult in (1.0, 3.0):
+        result = train(run_config(workdir, f"restore_from={workdir / 'moe.nemo'}", f"name=lr_mult_{mult}",
+                                  "backend=torch", f"expert_lr_mult={mult}", "optim.weight_decay=0.0",
+                                  "trainer.max_steps=1", "trainer.val_check_interval=1"))
+        moved[mult] = {k: v - start[k] for k, v in weights(result.model).items()}
+    experts = [k for k in start if ".experts." in k and start[k].ndim >= 2]
+    assert experts and len(experts) < len(start)
+    for k in start:
+        want = 3.0 * moved[1.0][k] if k in experts else moved[1.0][k]
+        assert torch.allclose(moved[3.0][k], want, rtol=1e-3, atol=1e-9), k
+    assert all(moved[1.0][k].abs().max() > 0 for k in experts)
+    with pytest.raises(UpcycleError, match="expert_lr_mult is applied by the torch backend's optimizer only"):
+        train(run_config(workdir, f"restore_from={workdir / 'moe.nemo'}", "name=lr_mult_engine", "backend=megatron",
+                         "expert_lr_mult=2.0", "trainer.max_steps=1"))
