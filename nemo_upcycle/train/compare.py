@@ -51,8 +51,6 @@ def mean_loss(model, batches: list[torch.Tensor]) -> float:
     return sum(lm_loss(model(b[:, :-1]).logits, b[:, 1:]).item() for b in batches) / len(batches)
 
 
-
-
 @torch.no_grad()
 def whole_group_fraction(model, batches: list[torch.Tensor], granularity: int) -> float:
     """Fraction of (token, MoE layer) routings whose chosen experts include every one of the G shards of the
