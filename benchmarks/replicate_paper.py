@@ -72,16 +72,18 @@ def run_arm(name: str, seed: int, args, dense: Path, data: Path, held_out) -> di
     from nemo_upcycle.train.run import load_config, train
 
     recipe = ARMS[name]
-    granularity = UpcycleConfig.from_dict(recipe).granularity if recipe else 1
     start = time.perf_counter()
     overrides = training_overrides(args.out / "runs", f"{re.sub(r'[^A-Za-z0-9.-]+', '_', name)}_s{seed}", dense,
                                    data, args.steps, args.batch, args.lr, seed=seed)
     overrides += ["expert_load_plot=false", "exp_manager.create_checkpoint_callback=false", *ARM_TRAINING.get(name, [])]
+    granularity = 1
     if recipe is None:
         initial = MegatronUpcycledGPTModel.restore_from(str(dense))
     else:
         recipe = {**recipe, "seed": seed}  # random router rows and dropped neurons change with the seed too
-        initial = MegatronUpcycledGPTModel.from_dense(dense, UpcycleConfig.from_dict(recipe))
+        config = UpcycleConfig.from_dict(recipe)
+        granularity = config.granularity
+        initial = MegatronUpcycledGPTModel.from_dense(dense, config)
         overrides.append("upcycle={" + ",".join(f"{k}:{v!r}" for k, v in recipe.items()) + "}")
     step0 = mean_loss(initial.backend.model, held_out)
     run = train(load_config(overrides))
