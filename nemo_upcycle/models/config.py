@@ -153,6 +153,11 @@ class GPTConfig:
         return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
+    def granularity(self) -> int:
+        """G: the dense FFN width over the expert FFN width (1 for full-size experts and dense models)."""
+        return max(1, self.ffn_hidden_size // self.expert_ffn_hidden_size)
+
+    @property
     def router_type(self) -> str:
         """The recipe's name for this routing: softmax_then_topk | topk_then_softmax | sigmoid."""
         if self.moe_router_score_function == "sigmoid":

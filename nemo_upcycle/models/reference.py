@@ -238,6 +238,20 @@ class Router(nn.Module):
         z = torch.logsumexp(logits, dim=-1).square().mean() * (self.z_coeff or 0.0)
         return Routing(weights.to(x.dtype), experts, counts, aux, z)
 
+    def groups_tied(self, granularity: int) -> bool:
+        """Whether each virtual group (G consecutive experts) shares one router row, as the recipe initialises it."""
+        grouped = [p.view(-1, granularity, *p.shape[1:]) for p in (self.weight, self.bias) if p is not None]
+        return all(torch.equal(g, g[:, :1].expand_as(g)) for g in grouped)
+
+    @torch.no_grad()
+    def tie_group_grads(self, granularity: int) -> None:
+        """Give each virtual group's G rows the mean of their gradients: rows that start equal then stay equal
+        under any optimizer, so top-k keeps selecting whole groups."""
+        for p in (self.weight, self.bias):
+            if p is not None and p.grad is not None:
+                g = p.grad.view(-1, granularity, *p.shape[1:])
+                g.copy_(g.mean(dim=1, keepdim=True).expand_as(g))
+
 
 class Experts(nn.Module):
     """N expert MLPs (Megatron's SequentialMLP keys). Takes tokens already sorted by expert.

@@ -50,6 +50,8 @@ if "nemo_upcycle." not in ALLOWED_TARGET_PREFIXES:  # let NeMo's restore instant
     ALLOWED_TARGET_PREFIXES.append("nemo_upcycle.")
 
 TARGET = "nemo_upcycle.train.nemo_model.MegatronUpcycledGPTModel"
+# training options of the torch backend's loop, with their off values (Megatron's engine refuses anything else)
+TORCH_ONLY_OPTIONS = {"expert_lr_mult": 1.0, "tie_virtual_groups": False}
 
 
 def padded_vocab_size(vocab: int, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
@@ -314,10 +316,12 @@ class MegatronUpcycledGPTModel(ModelPT):
     def configure_optimizers(self):
         """Megatron's optimizer (with NeMo's LR schedule) under the engine; NeMo's optimizer otherwise."""
         if not self.uses_engine:
+            self._check_tied_groups()
             return super().configure_optimizers()
-        if float(self.cfg.get("expert_lr_mult", 1.0)) != 1.0:
-            raise UpcycleError("expert_lr_mult is applied by the torch backend's optimizer only: use backend=torch, "
-                               "or expert_lr_mult=1.0 with the megatron backend")
+        for key, off in TORCH_ONLY_OPTIONS.items():
+            if self.cfg.get(key, off) != off:
+                raise UpcycleError(f"{key} is applied by the torch backend only: use backend=torch, or {key}={off} "
+                                   "with the megatron backend")
         from nemo.core.optim import prepare_lr_scheduler
 
         optim = OmegaConf.to_container(self.cfg.optim, resolve=True)
@@ -328,6 +332,33 @@ class MegatronUpcycledGPTModel(ModelPT):
         sched.setdefault("max_steps", self.trainer.max_steps)
         scheduler = prepare_lr_scheduler(optimizer=optimizer, scheduler_config=sched, train_dataloader=self._train_dl)
         return [optimizer], [scheduler]
+
+    def _routers(self) -> list:
+        from nemo_upcycle.models.reference import Router
+
+        return [m for m in self.backend.model.modules() if isinstance(m, Router)]
+
+    def _check_tied_groups(self) -> None:
+        if not self.cfg.get("tie_virtual_groups", False):
+            return
+        routers, granularity = self._routers(), self.gpt_config.granularity
+        if not routers or granularity == 1:
+            raise UpcycleError(f"tie_virtual_groups needs fine-grained experts (granularity > 1); this model has "
+                               f"{'no MoE layers' if not routers else 'full-size experts (G=1)'}: set "
+                               "tie_virtual_groups=false")
+        if not all(router.groups_tied(granularity) for router in routers):
+            raise UpcycleError("tie_virtual_groups: the router rows of a virtual group differ, so top-k does not "
+                               "select whole groups: start from a fresh upcycle with router_init calibrated or "
+                               "virtual_group (not random)")
+
+    def on_after_backward(self) -> None:
+        """tie_virtual_groups: each virtual group's router rows get one shared gradient, so they stay equal and
+        top-k keeps selecting whole groups: fine-grained experts routed as E coarse ones all run. At small scale
+        Adam otherwise unties the groups at the first step, and mixing shards of different copies of the dense
+        MLP costs more than continued training gains (benchmarks/replicate_paper.py)."""
+        if self.cfg.get("tie_virtual_groups", False) and not self.uses_engine:
+            for router in self._routers():
+                router.tie_group_grads(self.gpt_config.granularity)
 
     def setup_optimizer_param_groups(self) -> None:
         """No weight decay on norms and biases (Megatron's default). With `expert_lr_mult` m != 1 the routed

@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_upcycle.errors import UpcycleError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-TRAINING_FIELDS = ("backend", "micro_batch_size", "global_batch_size", "expert_lr_mult")
+TRAINING_FIELDS = ("backend", "micro_batch_size", "global_batch_size", "expert_lr_mult",
+                   "tie_virtual_groups")
 
 
 @dataclass

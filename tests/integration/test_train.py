@@ -269,6 +269,39 @@ def test_expert_lr_mult_scales_the_experts_step_and_nothing_else(workdir):
         want = 3.0 * moved[1.0][k] if k in experts else moved[1.0][k]
         assert torch.allclose(moved[3.0][k], want, rtol=1e-3, atol=1e-9), k
     assert all(moved[1.0][k].abs().max() > 0 for k in experts)
-    with pytest.raises(UpcycleError, match="expert_lr_mult is applied by the torch backend's optimizer only"):
+    with pytest.raises(UpcycleError, match="expert_lr_mult is applied by the torch backend only"):
         train(run_config(workdir, f"restore_from={workdir / 'moe.nemo'}", "name=lr_mult_engine", "backend=megatron",
                          "expert_lr_mult=2.0", "trainer.max_steps=1"))
+
+
+def test_tie_virtual_groups_keeps_whole_groups_while_the_router_learns(workdir):
+    """E4G2T2 has 4 virtual groups of 2 experts sharing one router row. Tied, the rows of each group stay equal
+    through training (so top-k keeps selecting whole groups) yet move; untied, Adam separates them at once."""
+    granularity = RECIPE.granularity
+    initial = MegatronUpcycledGPTModel.restore_from(str(workdir / "moe.nemo"))
+    start = [router.weight.detach().clone() for router in initial._routers()]
+    trained = {}
+    for tie in (False, True):
+        result = train(run_config(workdir, f"restore_from={workdir / 'moe.nemo'}", f"name=tie_{tie}", "backend=torch",
+                                  f"tie_virtual_groups={str(tie).lower()}", "trainer.max_steps=3",
+                                  "trainer.val_check_interval=3"))
+        trained[tie] = result.model._routers()
+    assert len(trained[True]) == len(start) > 0
+    for router, before in zip(trained[True], start):
+        assert router.groups_tied(granularity)
+        assert (router.weight.detach() - before).abs().max() > 1e-4
+    assert not any(router.groups_tied(granularity) for router in trained[False])
+
+
+def test_tie_virtual_groups_refuses_models_it_cannot_tie(workdir, tmp_path):
+    untied = tmp_path / "random_router.nemo"
+    convert(workdir / "dense.nemo", untied, UpcycleConfig.from_shorthand("E4G2T2", router_init="random"),
+            progress=False)
+    for model, problem in ((workdir / "dense.nemo", "needs fine-grained experts .* no MoE layers"),
+                           (untied, "the router rows of a virtual group differ")):
+        with pytest.raises(UpcycleError, match=problem):
+            train(run_config(workdir, f"restore_from={model}", "name=tie_refused", "backend=torch",
+                             "tie_virtual_groups=true", "trainer.max_steps=1"))
+    with pytest.raises(UpcycleError, match="tie_virtual_groups is applied by the torch backend only"):
+        train(run_config(workdir, f"restore_from={workdir / 'moe.nemo'}", "name=tie_engine", "backend=megatron",
+                         "tie_virtual_groups=true", "trainer.max_steps=1"))
