@@ -24,7 +24,7 @@ order (and random router rows); every arm of one seed sees the same batches, so 
     expert lr x s^(1/3)          E8G1T2 whose experts train at the lr that undoes weight scaling's smaller relative
                                  steps (expert_lr_mult; ours, not the paper's: where E8G1T2's lead comes from)
 
-    python benchmarks/replicate_paper.py            # 14 runs of 1M tokens: 33 min on 2 shared CPU cores
+    python benchmarks/replicate_paper.py            # 16 runs of 1M tokens: ~37 min on 2 shared CPU cores
     python benchmarks/replicate_paper.py --quick    # 10 steps per arm: checks the path, not the findings
     python benchmarks/replicate_paper.py --steps 4000 --arms "dense continued" E8G1T2 E8G8T8   # the payoff at
                          # 8M tokens (README): per seed 10 + 16 + 22 min on 2 shared cores; --seeds 1 halves it
@@ -91,6 +91,7 @@ def run_arm(name: str, seed: int, args, dense: Path, data: Path, held_out) -> di
         granularity = config.granularity
         initial = MegatronUpcycledGPTModel.from_dense(dense, config)
         overrides.append("upcycle={" + ",".join(f"{k}:{v!r}" for k, v in recipe.items()) + "}")
+        overrides += args.moe_overrides
     step0 = mean_loss(initial.backend.model, held_out)
     run = train(load_config(overrides))
     after = mean_loss(run.model.backend.model, held_out)
@@ -167,10 +168,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-3,
                    help="peak learning rate: the paper resets to the pretraining peak (3e-3 here), cosine to a tenth")
-    p.add_argument("--seeds", type=int, default=2, help="seeds for the headline arms (dense, E8G1T2, E8G8T8)")
+    p.add_argument("--seeds", type=int, default=2,
+                   help="seeds for the headline arms (dense, E8G1T2, E8G8T8, E8G8T8 groups tied)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
     p.add_argument("--val-batches", type=int, default=16, help="held-out batches for every loss")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to run")
+    p.add_argument("--moe-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra conf/train.yaml overrides for every upcycled arm, after the arm's own (e.g. "
+                        "expert_lr_mult=0.5): ablations beyond the listed arms; the meta of results.json records them")
     p.add_argument("--quick", action="store_true", help="10 steps, one seed, 2 held-out batches per arm")
     p.add_argument("--out", type=Path, default=Path("bench_out/replicate_paper"), help="results folder")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
@@ -187,6 +192,7 @@ def main() -> None:
                 merged[name] += [r for r in runs if r["seed"] not in have]
         meta = json.loads((args.merge[0] / "results.json").read_text())["meta"]
         args.steps, args.batch, args.lr = meta["steps"], meta["batch"], meta["lr"]
+        args.moe_overrides = meta.get("moe_overrides", [])
         results = {a: merged[a] for a in ARMS if a in merged}
         print(write_results(results, args, Path(meta["dense"]), meta["val_batches"], meta["seq"]))
         return
@@ -236,13 +242,14 @@ def write_results(results: dict[str, list[dict]], args, dense: Path, val_batches
     tokens = args.steps * args.batch * (seq - 1)
     header = (f"Dense source {dense}; {args.steps} steps x {args.batch} sequences (~{tokens / 1e6:.2f}M tokens) per "
               f"run, warmup then cosine lr {args.lr:g} -> {args.lr / 10:g}, aux loss 1e-2; val loss = mean over "
-              f"{val_batches} held-out batches (nats/token); +- is half the range over seeds.")
+              f"{val_batches} held-out batches (nats/token); +- is half the range over seeds."
+              + (f" Upcycled arms also trained with {' '.join(args.moe_overrides)}." if args.moe_overrides else ""))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     report = f"{header}\n\n{table}\n\n{verdicts}\n"
     (out / "results.md").write_text(report)
     meta = {"dense": str(dense), "val_batches": val_batches, "seq": seq, "steps": args.steps, "batch": args.batch,
-            "lr": args.lr}
+            "lr": args.lr, "moe_overrides": args.moe_overrides}
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": s, "runs": results}, indent=2))
     plot_loss_curves({name: runs[0]["curve"] for name, runs in results.items()}, out / "loss_curves.png",
                      "Continued training from the plateaued dense model (seed 0)", baseline="dense continued")

@@ -240,7 +240,7 @@ class Router(nn.Module):
 
     def groups_tied(self, granularity: int) -> bool:
         """Whether each virtual group (G consecutive experts) shares one router row, as the recipe initialises it."""
-        grouped = [p.view(-1, granularity, *p.shape[1:]) for p in (self.weight, self.bias) if p is not None]
+        grouped = [_by_group(p, granularity) for p in (self.weight, self.bias) if p is not None]
         return all(torch.equal(g, g[:, :1].expand_as(g)) for g in grouped)
 
     @torch.no_grad()
@@ -249,8 +249,13 @@ class Router(nn.Module):
         under any optimizer, so top-k keeps selecting whole groups."""
         for p in (self.weight, self.bias):
             if p is not None and p.grad is not None:
-                g = p.grad.view(-1, granularity, *p.shape[1:])
+                g = _by_group(p.grad, granularity)
                 g.copy_(g.mean(dim=1, keepdim=True).expand_as(g))
+
+
+def _by_group(rows: torch.Tensor, granularity: int) -> torch.Tensor:
+    """A per-expert tensor viewed as (virtual groups, G, ...): expert e is shard e mod G of group e // G."""
+    return rows.view(-1, granularity, *rows.shape[1:])
 
 
 class Experts(nn.Module):
