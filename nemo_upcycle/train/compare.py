@@ -52,11 +52,14 @@ def mean_loss(model, batches: list[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def whole_group_fraction(model, batches: list[torch.Tensor], granularity: int) -> float:
+def whole_group_fraction(model, batches: list[torch.Tensor], granularity: int) -> float | None:
     """Fraction of (token, MoE layer) routings whose chosen experts include every one of the G shards of the
     dense MLP (expert k holds shard k mod G). A fine-grained upcycle computes the dense function only while this
     is 1.0, as virtual groups make it at step 0; when training unties a group's router rows, tokens take some
-    shards twice and others not at all (benchmarks/replicate_paper.py measures how fast)."""
+    shards twice and others not at all (benchmarks/replicate_paper.py measures how fast). None for G = 1 (dense
+    models and full-size experts): there are no shards to keep together."""
+    if granularity == 1:
+        return None
     model = model.float().eval()
     whole = total = 0
     for b in batches:

@@ -25,6 +25,7 @@ def _moe(untie: float) -> tuple[GPTModel, list[torch.Tensor]]:
 def test_virtual_groups_route_every_token_to_whole_groups():
     moe, batches = _moe(untie=0.0)
     assert whole_group_fraction(moe, batches, granularity=2) == 1.0
+    assert whole_group_fraction(moe, batches, granularity=1) is None  # full-size experts: nothing to keep whole
 
 
 def test_untied_group_rows_are_counted_token_by_token():
