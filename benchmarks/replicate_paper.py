@@ -24,7 +24,7 @@ order (and random router rows); every arm of one seed sees the same batches, so 
     expert lr x s^(1/3)          E8G1T2 whose experts train at the lr that undoes weight scaling's smaller relative
                                  steps (expert_lr_mult; ours, not the paper's: where E8G1T2's lead comes from)
 
-    python benchmarks/replicate_paper.py            # 16 runs of 1M tokens: ~37 min on 2 shared CPU cores
+    python benchmarks/replicate_paper.py            # 16 runs of 1M tokens: 25 min on 2 idle CPU cores
     python benchmarks/replicate_paper.py --quick    # 10 steps per arm: checks the path, not the findings
     python benchmarks/replicate_paper.py --steps 4000 --arms "dense continued" E8G1T2 E8G8T8   # the payoff at
                          # 8M tokens (README): per seed 10 + 16 + 22 min on 2 shared cores; --seeds 1 halves it
