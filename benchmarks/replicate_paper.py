@@ -12,8 +12,10 @@ order (and random router rows); every arm of one seed sees the same batches, so 
     arm                          what the paper found (15B / 2B models, 0.1-1T tokens)
     dense continued              baseline
     E8G1T2 / E8G8T8              upcycled beats dense at equal tokens (-5.2% / -4.1% val loss at 15B)
+    E8G1T1                       top-2 beats top-1
     E8G8T8 groups tied           E8G8T8 whose virtual groups' router rows stay equal all run (tie_virtual_groups;
                                  ours, not the paper's: small-scale Adam unties them at the first step)
+    E8G8T16 groups tied          the same with two whole groups per token: E8G1T2's active parameters (ours)
     topK-then-softmax            softmax-then-topK is consistently better for upcycling
     weight scaling off           scaling gave 1.5% better training loss (15B E8G1T1)
     virtual groups off           without them fine-grained upcycling starts at a much higher loss
@@ -24,7 +26,7 @@ order (and random router rows); every arm of one seed sees the same batches, so 
     expert lr x s^(1/3)          E8G1T2 whose experts train at the lr that undoes weight scaling's smaller relative
                                  steps (expert_lr_mult; ours, not the paper's: where E8G1T2's lead comes from)
 
-    python benchmarks/replicate_paper.py            # 16 runs of 1M tokens: 25 min on 2 idle CPU cores
+    python benchmarks/replicate_paper.py            # 18 runs of 1M tokens: 27 min on 2 idle CPU cores
     python benchmarks/replicate_paper.py --quick    # 10 steps per arm: checks the path, not the findings
     python benchmarks/replicate_paper.py --steps 4000 --arms "dense continued" E8G1T2 E8G8T8   # the payoff at
                          # 8M tokens (README): per seed 10 + 16 + 22 min on 2 shared cores; --seeds 1 halves it
@@ -42,8 +44,10 @@ from pathlib import Path
 ARMS = {  # name -> recipe (None: the dense model itself)
     "dense continued": None,
     "E8G1T2": {"shorthand": "E8G1T2"},
+    "E8G1T1": {"shorthand": "E8G1T1"},
     "E8G8T8": {"shorthand": "E8G8T8"},
     "E8G8T8 groups tied": {"shorthand": "E8G8T8"},
+    "E8G8T16 groups tied": {"shorthand": "E8G8T16"},
     "E8G8T8 topK-then-softmax": {"shorthand": "E8G8T8", "router": "topk_then_softmax"},
     "E8G8T8 weight scaling off": {"shorthand": "E8G8T8", "weight_scaling": "off"},
     "E8G8T8 virtual groups off": {"shorthand": "E8G8T8", "router_init": "random"},
@@ -59,7 +63,7 @@ ARMS = {  # name -> recipe (None: the dense model itself)
 # The groups-tied arm keeps each virtual group's router rows equal all run (tie_virtual_groups), so top-k always
 # selects whole groups: what E8G8T8 gains once Adam cannot untie them (ours, not the paper's recipe).
 ARM_TRAINING = {"E8G1T2 expert lr x s^(1/3)": [f"expert_lr_mult={4 ** (1 / 3):.6f}"],
-                "E8G8T8 groups tied": ["tie_virtual_groups=true"]}
+                "E8G8T8 groups tied": ["tie_virtual_groups=true"], "E8G8T16 groups tied": ["tie_virtual_groups=true"]}
 HEADLINE = ("dense continued", "E8G1T2", "E8G8T8", "E8G8T8 groups tied")  # run with every seed; the others with the first seed
 TARGET = -1.5  # % held-out loss vs dense continued the headline MoEs must reach (the issue's bar)
 NOISE_FLOOR = 0.1  # % below which a difference counts as noise when fewer than two seeds measured the spread
@@ -131,15 +135,16 @@ def findings(s: dict[str, dict]) -> list[list[str]]:
         common = [k for k in s[a]["by_seed"] if k in s[b]["by_seed"]]
         return statistics.mean(100 * (s[a]["by_seed"][k] - s[b]["by_seed"][k]) / s[b]["by_seed"][k] for k in common)
 
-    for arm, paper in (("E8G1T2", "-5.2%"), ("E8G8T8", "-4.1%"),
-                       ("E8G8T8 groups tied", "-4.1% untied")):
+    for arm, paper in (("E8G1T2", "paper: -5.2%"), ("E8G8T8", "paper: -4.1%"),
+                       ("E8G8T8 groups tied", "paper: -4.1% untied"), ("E8G8T16 groups tied", "ours")):
         if dense and arm in s and s[arm]["vs_dense"] is not None:
             v, sp = s[arm]["vs_dense"], s[arm]["vs_dense_spread"]
             ok = v <= TARGET and abs(v) > max(sp, noise)
-            rows.append([f"{arm} beats dense continued at equal tokens (paper: {paper})",
+            rows.append([f"{arm} beats dense continued at equal tokens ({paper})",
                          f"{v:+.2f}% +- {sp:.2f}% (noise: +-{noise:.2f}%)",
                          "yes" if ok else ("sign only" if v < 0 else "no")])
-    pairs = [("softmax-then-topK beats topK-then-softmax", "E8G8T8", "E8G8T8 topK-then-softmax"),
+    pairs = [("top-2 beats top-1", "E8G1T2", "E8G1T1"),
+             ("softmax-then-topK beats topK-then-softmax", "E8G8T8", "E8G8T8 topK-then-softmax"),
              ("weight scaling helps", "E8G8T8", "E8G8T8 weight scaling off"),
              ("virtual groups help (final loss)", "E8G8T8", "E8G8T8 virtual groups off"),
              ("Drop-Upcycling r=0.5 helps at this token count", "E8G1T2 Drop-Upcycling r=0.5", "E8G1T2"),
@@ -158,6 +163,72 @@ def findings(s: dict[str, dict]) -> list[list[str]]:
         rows.append(["without virtual groups fine-grained upcycling starts higher", f"step-0 loss {gap:+.2f}%",
                      "yes" if gap > noise else "no"])
     return rows
+
+
+SWEEP_SHAPE = ("dense", "steps", "batch", "seq", "val_batches")  # what every run of one learning-rate sweep shares (dense: file name)
+
+
+def sweep_records(sources: list[Path]) -> dict:
+    """One learning-rate sweep from results folders (the --out of earlier runs, each at one --lr) and sweep .json
+    files (what --sweep writes): a record per arm, peak lr and seed. An arm run with --moe-overrides is named
+    "ARM, KEY=VALUE"; a later source replaces an earlier record of the same arm, lr and seed."""
+    shape, notes, records = None, {}, {}
+    for src in sources:
+        if src.is_dir():
+            data = json.loads((src / "results.json").read_text())
+            meta, suffix = data["meta"], "".join(f", {o}" for o in data["meta"].get("moe_overrides", []))
+            got = {**{k: meta[k] for k in SWEEP_SHAPE}, "dense": Path(meta["dense"]).name}  # not where it was
+            new = [{"arm": arm + ("" if ARMS.get(arm) is None else suffix), "lr": meta["lr"], "seed": r["seed"],
+                    "after": r["after"], "seconds": r["seconds"]} for arm, runs in data["runs"].items() for r in runs]
+        else:
+            data = json.loads(src.read_text())
+            got, new = {k: data[k] for k in SWEEP_SHAPE}, data["runs"]
+            notes.update(data.get("notes", {}))
+        if shape not in (None, got):
+            raise SystemExit(f"--sweep: {src} ran {got}, the sources before it {shape}: a sweep compares peak "
+                             "learning rates of one dense model at one run length; give --sweep runs of one shape")
+        shape = got
+        records.update({(r["arm"], r["lr"], r["seed"]): r for r in new})
+    rank = {name: i for i, name in enumerate(ARMS)}
+    runs = sorted(records.values(), key=lambda r: (rank.get(r["arm"].split(", ")[0], len(ARMS)), r["arm"],
+                                                   -r["lr"], r["seed"]))
+    return {**shape, "notes": {k: v for k, v in notes.items() if any(r["arm"] == k for r in runs)}, "runs": runs}
+
+
+def sweep_tables(sweep: dict) -> str:
+    """The held-out loss of every arm at every peak lr (seeds side by side), then each run against the best-tuned
+    dense (the dense lr with the lowest mean) and against dense at the same lr, paired by seed."""
+    from nemo_upcycle.report import markdown_table
+
+    runs, fmt = sweep["runs"], lambda v: "-" if v is None else f"{v:+.2f}%"
+    arms, lrs = list(dict.fromkeys(r["arm"] for r in runs)), sorted({r["lr"] for r in runs}, reverse=True)
+    after = {(r["arm"], r["lr"], r["seed"]): r["after"] for r in runs}
+    dense = {lr: {sd: v for (a, lr_, sd), v in after.items() if a == "dense continued" and lr_ == lr} for lr in lrs}
+    dense = {lr: by_seed for lr, by_seed in dense.items() if by_seed}
+    if not dense:
+        raise SystemExit("--sweep: no 'dense continued' run among the sources: add one, the sweep compares against it")
+    best = min(dense, key=lambda lr: statistics.mean(dense[lr].values()))
+
+    def vs(r: dict, lr: float) -> float | None:
+        base = dense.get(lr, {}).get(r["seed"])
+        return None if base is None else 100 * (r["after"] - base) / base
+
+    grid = [[arm] + [" / ".join(f"{after[k]:.4f}" for k in sorted(k for k in after if k[:2] == (arm, lr)))
+                     or "-" for lr in lrs] for arm in arms]
+    paired = [[r["arm"], f"{r['lr']:g}", r["seed"], fmt(vs(r, best)), fmt(vs(r, r["lr"]))]
+              for r in runs if r["arm"] != "dense continued"]
+    seeds = sorted({r["seed"] for r in runs})
+    tokens = sweep["steps"] * sweep["batch"] * (sweep["seq"] - 1)
+    notes = "".join(f"\n- {arm}: {text}" for arm, text in sweep["notes"].items())
+    best_by_seed = " / ".join(f"{v:.4f}" for _, v in sorted(dense[best].items()))
+    return (f"{tokens / 1e6:.1f}M tokens ({sweep['steps']} steps x {sweep['batch']} x {sweep['seq'] - 1}), held-out "
+            f"loss per arm and peak lr, seed {' / '.join(map(str, seeds))} where it ran (benchmarks/replicate_paper.py "
+            f"--steps {sweep['steps']} --lr LR --arms ARM; \"ARM, KEY=VALUE\" adds --moe-overrides KEY=VALUE)."
+            + (f" Not from the command line:{notes}" if notes else "") + "\n\n"
+            + markdown_table(["arm"] + [f"peak lr {lr:g}" for lr in lrs], grid)
+            + f"\n\nAgainst the best dense (peak lr {best:g}, seed {' / '.join(map(str, sorted(dense[best])))}: "
+            f"{best_by_seed}) and against dense at the same peak lr where it ran:\n\n"
+            + markdown_table(["arm", "peak lr", "seed", "vs best dense", "vs dense at the same lr"], paired) + "\n")
 
 
 def main() -> None:
@@ -180,7 +251,19 @@ def main() -> None:
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="only write the table (in --out) of the runs in these folders' results.json: arms split over "
                         "several processes with the same --steps/--batch/--lr; the first run of an arm and seed wins")
+    p.add_argument("--sweep", type=Path, nargs="+", metavar="SRC",
+                   help="only write a learning-rate sweep (lr_sweep.md, lr_sweep.json in --out) from results folders "
+                        "of runs at several --lr and sweep .json files, e.g. "
+                        "benchmarks/results/replicate_paper_8M_lr_sweep.json plus new runs' folders")
     args = p.parse_args()
+    if args.sweep:
+        sweep = sweep_records(args.sweep)
+        report = sweep_tables(sweep)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "lr_sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
+        (args.out / "lr_sweep.md").write_text(report)
+        print(f"{report}\nwritten to {args.out}/lr_sweep.md, lr_sweep.json")
+        return
     if args.quick:
         args.steps, args.val_batches, args.seeds = 10, 2, 1
     if args.merge:

@@ -28,29 +28,34 @@ def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Pat
     plt = _pyplot()
     base = curves.get(baseline)
     paired = base is not None and all(len(c[1]) == len(base[1]) for c in curves.values()) and len(curves) > 1
-    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(13 if paired else 7, 4.2), layout="constrained",
+    wide = 2.5 if len(curves) > 4 else 0.0  # room for the legend beside the panels
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=((13 if paired else 7) + wide, 4.2), layout="constrained",
                              squeeze=False)
+    # ten colours, then the same colours dashed: every run keeps one distinguishable style in both panels
+    style = {name: {"color": f"C{i % 10}", "ls": ("-", "--", ":")[i // 10 % 3]} for i, name in enumerate(curves)}
     ax = axes[0][0]
     for name, (tokens, losses) in curves.items():
         k = max(1, len(losses) // 20)
-        ax.plot(tokens[k - 1:], _smooth(losses, k), label=name)
+        ax.plot(tokens[k - 1:], _smooth(losses, k), label=name, **style[name])
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("training LM loss (nats/token)")
     ax.set_title(title or "Training loss")
     ax.grid(alpha=0.3)
-    ax.legend()
     if paired:
         ax = axes[0][1]
         for name, (tokens, losses) in curves.items():
             diff = [a - b for a, b in zip(losses, base[1])]
             k = max(1, len(diff) // 10)
-            ax.plot(tokens[k - 1:], _smooth(diff, k), label=name)
+            ax.plot(tokens[k - 1:], _smooth(diff, k), label=name, **style[name])
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xlabel("tokens seen")
         ax.set_ylabel(f"loss minus {baseline} loss, same batch")
         ax.set_title(f"Against {baseline} at equal tokens (moving average)")
         ax.grid(alpha=0.3)
-        ax.legend()
+    if len(curves) > 4:  # one legend beside the panels, where it hides no curve
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    else:
+        axes[0][0].legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
