@@ -61,9 +61,11 @@ ARMS = {  # name -> recipe (None: the dense model itself)
 # s^(1/3) = 4^(1/3), so Adam's steps change them that much less, relatively, than the dense weights: this arm
 # gives them the dense model's relative step size, to see how much of E8G1T2's lead comes from its slower experts.
 # The groups-tied arm keeps each virtual group's router rows equal all run (tie_virtual_groups), so top-k always
-# selects whole groups: what E8G8T8 gains once Adam cannot untie them (ours, not the paper's recipe).
+# selects whole groups: what E8G8T8 gains once Adam cannot untie them (ours, not the paper's recipe). Tied, a
+# fine-grained MoE routes as a coarse one (E8G8T8 as E8G1T1, E8G8T16 as E8G1T2) with twice the expert weight scale.
 ARM_TRAINING = {"E8G1T2 expert lr x s^(1/3)": [f"expert_lr_mult={4 ** (1 / 3):.6f}"],
-                "E8G8T8 groups tied": ["tie_virtual_groups=true"], "E8G8T16 groups tied": ["tie_virtual_groups=true"]}
+                "E8G8T8 groups tied": ["tie_virtual_groups=true"],
+                "E8G8T16 groups tied": ["tie_virtual_groups=true"]}
 HEADLINE = ("dense continued", "E8G1T2", "E8G8T8", "E8G8T8 groups tied")  # run with every seed; the others with the first seed
 TARGET = -1.5  # % held-out loss vs dense continued the headline MoEs must reach (the issue's bar)
 NOISE_FLOOR = 0.1  # % below which a difference counts as noise when fewer than two seeds measured the spread
@@ -165,7 +167,8 @@ def findings(s: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
-SWEEP_SHAPE = ("dense", "steps", "batch", "seq", "val_batches")  # what every run of one learning-rate sweep shares (dense: file name)
+# What every run of one learning-rate sweep shares (the dense checkpoint by file name, not by where it was).
+SWEEP_SHAPE = ("dense", "steps", "batch", "seq", "val_batches")
 
 
 def sweep_records(sources: list[Path]) -> dict:
@@ -174,11 +177,14 @@ def sweep_records(sources: list[Path]) -> dict:
     "ARM, KEY=VALUE"; a later source replaces an earlier record of the same arm, lr and seed."""
     shape, notes, records = None, {}, {}
     for src in sources:
+        if not (src / "results.json" if src.is_dir() else src).is_file():
+            raise SystemExit(f"--sweep: {src} is neither a results folder (with results.json) nor a sweep .json file: "
+                             "give the --out folder of a replicate_paper.py run, or a file --sweep wrote")
         if src.is_dir():
             data = json.loads((src / "results.json").read_text())
             meta, suffix = data["meta"], "".join(f", {o}" for o in data["meta"].get("moe_overrides", []))
-            got = {**{k: meta[k] for k in SWEEP_SHAPE}, "dense": Path(meta["dense"]).name}  # not where it was
-            new = [{"arm": arm + ("" if ARMS.get(arm) is None else suffix), "lr": meta["lr"], "seed": r["seed"],
+            got = {**{k: meta[k] for k in SWEEP_SHAPE}, "dense": Path(meta["dense"]).name}
+            new = [{"arm": arm + ("" if arm == "dense continued" else suffix), "lr": meta["lr"], "seed": r["seed"],
                     "after": r["after"], "seconds": r["seconds"]} for arm, runs in data["runs"].items() for r in runs]
         else:
             data = json.loads(src.read_text())

@@ -70,3 +70,10 @@ def test_sweep_needs_a_dense_run(bench, tmp_path):
     sweep = bench.sweep_records([run_folder(tmp_path / "a", 3e-3, {"E8G1T2": {0: 1.2}})])
     with pytest.raises(SystemExit, match="no 'dense continued' run"):
         bench.sweep_tables(sweep)
+
+
+def test_sweep_names_a_source_that_is_neither_folder_nor_file(bench, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "missing.json", tmp_path / "empty"):
+        with pytest.raises(SystemExit, match="neither a results folder"):
+            bench.sweep_records([bad])
