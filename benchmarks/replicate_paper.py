@@ -177,17 +177,18 @@ def sweep_records(sources: list[Path]) -> dict:
     "ARM, KEY=VALUE"; a later source replaces an earlier record of the same arm, lr and seed."""
     shape, notes, records = None, {}, {}
     for src in sources:
-        if not (src / "results.json" if src.is_dir() else src).is_file():
+        folder = src.is_dir()
+        path = src / "results.json" if folder else src
+        if not path.is_file():
             raise SystemExit(f"--sweep: {src} is neither a results folder (with results.json) nor a sweep .json file: "
                              "give the --out folder of a replicate_paper.py run, or a file --sweep wrote")
-        if src.is_dir():
-            data = json.loads((src / "results.json").read_text())
+        data = json.loads(path.read_text())
+        if folder:
             meta, suffix = data["meta"], "".join(f", {o}" for o in data["meta"].get("moe_overrides", []))
             got = {**{k: meta[k] for k in SWEEP_SHAPE}, "dense": Path(meta["dense"]).name}
             new = [{"arm": arm + ("" if arm == "dense continued" else suffix), "lr": meta["lr"], "seed": r["seed"],
                     "after": r["after"], "seconds": r["seconds"]} for arm, runs in data["runs"].items() for r in runs]
         else:
-            data = json.loads(src.read_text())
             got, new = {k: data[k] for k in SWEEP_SHAPE}, data["runs"]
             notes.update(data.get("notes", {}))
         if shape not in (None, got):
@@ -208,9 +209,10 @@ def sweep_tables(sweep: dict) -> str:
 
     runs, fmt = sweep["runs"], lambda v: "-" if v is None else f"{v:+.2f}%"
     arms, lrs = list(dict.fromkeys(r["arm"] for r in runs)), sorted({r["lr"] for r in runs}, reverse=True)
-    after = {(r["arm"], r["lr"], r["seed"]): r["after"] for r in runs}
-    dense = {lr: {sd: v for (a, lr_, sd), v in after.items() if a == "dense continued" and lr_ == lr} for lr in lrs}
-    dense = {lr: by_seed for lr, by_seed in dense.items() if by_seed}
+    cells: dict[tuple[str, float], dict[int, float]] = {}  # (arm, lr) -> seed -> held-out loss
+    for r in runs:
+        cells.setdefault((r["arm"], r["lr"]), {})[r["seed"]] = r["after"]
+    dense = {lr: cells[("dense continued", lr)] for lr in lrs if ("dense continued", lr) in cells}
     if not dense:
         raise SystemExit("--sweep: no 'dense continued' run among the sources: add one, the sweep compares against it")
     best = min(dense, key=lambda lr: statistics.mean(dense[lr].values()))
@@ -219,8 +221,8 @@ def sweep_tables(sweep: dict) -> str:
         base = dense.get(lr, {}).get(r["seed"])
         return None if base is None else 100 * (r["after"] - base) / base
 
-    grid = [[arm] + [" / ".join(f"{after[k]:.4f}" for k in sorted(k for k in after if k[:2] == (arm, lr)))
-                     or "-" for lr in lrs] for arm in arms]
+    grid = [[arm] + [" / ".join(f"{v:.4f}" for _, v in sorted(cells.get((arm, lr), {}).items())) or "-"
+                     for lr in lrs] for arm in arms]
     paired = [[r["arm"], f"{r['lr']:g}", r["seed"], fmt(vs(r, best)), fmt(vs(r, r["lr"]))]
               for r in runs if r["arm"] != "dense continued"]
     seeds = sorted({r["seed"] for r in runs})

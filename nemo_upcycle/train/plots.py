@@ -28,9 +28,9 @@ def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Pat
     plt = _pyplot()
     base = curves.get(baseline)
     paired = base is not None and all(len(c[1]) == len(base[1]) for c in curves.values()) and len(curves) > 1
-    wide = 2.5 if len(curves) > 4 else 0.0  # room for the legend beside the panels
-    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=((13 if paired else 7) + wide, 4.2), layout="constrained",
-                             squeeze=False)
+    side_legend = len(curves) > 4  # one legend beside the panels, where it hides no curve (2.5 in wider)
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=((13 if paired else 7) + 2.5 * side_legend, 4.2),
+                             layout="constrained", squeeze=False)
     # ten colours, then the same colours dashed: every run keeps one distinguishable style in both panels
     style = {name: {"color": f"C{i % 10}", "ls": ("-", "--", ":")[i // 10 % 3]} for i, name in enumerate(curves)}
     ax = axes[0][0]
@@ -52,7 +52,7 @@ def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Pat
         ax.set_ylabel(f"loss minus {baseline} loss, same batch")
         ax.set_title(f"Against {baseline} at equal tokens (moving average)")
         ax.grid(alpha=0.3)
-    if len(curves) > 4:  # one legend beside the panels, where it hides no curve
+    if side_legend:
         fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     else:
         axes[0][0].legend()
