@@ -230,8 +230,9 @@ def sweep_tables(sweep: dict) -> str:
     notes = "".join(f"\n- {arm}: {text}" for arm, text in sweep["notes"].items())
     best_by_seed = " / ".join(f"{v:.4f}" for _, v in sorted(dense[best].items()))
     return (f"{tokens / 1e6:.1f}M tokens ({sweep['steps']} steps x {sweep['batch']} x {sweep['seq'] - 1}), held-out "
-            f"loss per arm and peak lr, seed {' / '.join(map(str, seeds))} where it ran (benchmarks/replicate_paper.py "
-            f"--steps {sweep['steps']} --lr LR --arms ARM; \"ARM, KEY=VALUE\" adds --moe-overrides KEY=VALUE)."
+            f"loss (mean over {sweep['val_batches']} x {sweep['batch']} held-out sequences) per arm and peak lr, "
+            f"seed {' / '.join(map(str, seeds))} where it ran (benchmarks/replicate_paper.py --steps {sweep['steps']} "
+            f"--batch {sweep['batch']} --lr LR --arms ARM; \"ARM, KEY=VALUE\" adds --moe-overrides KEY=VALUE)."
             + (f" Not from the command line:{notes}" if notes else "") + "\n\n"
             + markdown_table(["arm"] + [f"peak lr {lr:g}" for lr in lrs], grid)
             + f"\n\nAgainst the best dense (peak lr {best:g}, seed {' / '.join(map(str, sorted(dense[best])))}: "

@@ -46,6 +46,8 @@ def test_sweep_pairs_each_run_with_the_best_dense_and_the_same_lr(bench, tmp_pat
     assert [r["arm"] for r in sweep["runs"]][:4] == ["dense continued"] * 4  # dense first, high lr first
 
     table = bench.sweep_tables(sweep)
+    # the header gives the command that reruns a row and the held-out set the losses are means over
+    assert "--steps 4000 --batch 8 --lr LR" in table and "mean over 16 x 8 held-out sequences" in table
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
             if line.startswith("| ")]
     grid = {r[0]: r[1:] for r in rows if len(r) == 3}
