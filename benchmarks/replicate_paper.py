@@ -193,7 +193,7 @@ def sweep_records(sources: list[Path]) -> dict:
             notes.update(data.get("notes", {}))
         if shape not in (None, got):
             raise SystemExit(f"--sweep: {src} ran {got}, the sources before it {shape}: a sweep compares peak "
-                             "learning rates of one dense model at one run length; give --sweep runs of one shape")
+                             "learning rates of one dense model at one run length and batch; give --sweep runs of one shape")
         shape = got
         records.update({(r["arm"], r["lr"], r["seed"]): r for r in new})
     rank = {name: i for i, name in enumerate(ARMS)}
@@ -217,18 +217,19 @@ def sweep_tables(sweep: dict) -> str:
         raise SystemExit("--sweep: no 'dense continued' run among the sources: add one, the sweep compares against it")
     best = min(dense, key=lambda lr: statistics.mean(dense[lr].values()))
 
+    def by_seed(losses: dict[int, float]) -> str:
+        return " / ".join(f"{v:.4f}" for _, v in sorted(losses.items()))
+
     def vs(r: dict, lr: float) -> float | None:
         base = dense.get(lr, {}).get(r["seed"])
         return None if base is None else 100 * (r["after"] - base) / base
 
-    grid = [[arm] + [" / ".join(f"{v:.4f}" for _, v in sorted(cells.get((arm, lr), {}).items())) or "-"
-                     for lr in lrs] for arm in arms]
+    grid = [[arm] + [by_seed(cells.get((arm, lr), {})) or "-" for lr in lrs] for arm in arms]
     paired = [[r["arm"], f"{r['lr']:g}", r["seed"], fmt(vs(r, best)), fmt(vs(r, r["lr"]))]
               for r in runs if r["arm"] != "dense continued"]
     seeds = sorted({r["seed"] for r in runs})
     tokens = sweep["steps"] * sweep["batch"] * (sweep["seq"] - 1)
     notes = "".join(f"\n- {arm}: {text}" for arm, text in sweep["notes"].items())
-    best_by_seed = " / ".join(f"{v:.4f}" for _, v in sorted(dense[best].items()))
     return (f"{tokens / 1e6:.1f}M tokens ({sweep['steps']} steps x {sweep['batch']} x {sweep['seq'] - 1}), held-out "
             f"loss (mean over {sweep['val_batches']} x {sweep['batch']} held-out sequences) per arm and peak lr, "
             f"seed {' / '.join(map(str, seeds))} where it ran (benchmarks/replicate_paper.py --steps {sweep['steps']} "
@@ -236,7 +237,7 @@ def sweep_tables(sweep: dict) -> str:
             + (f" Not from the command line:{notes}" if notes else "") + "\n\n"
             + markdown_table(["arm"] + [f"peak lr {lr:g}" for lr in lrs], grid)
             + f"\n\nAgainst the best dense (peak lr {best:g}, seed {' / '.join(map(str, sorted(dense[best])))}: "
-            f"{best_by_seed}) and against dense at the same peak lr where it ran:\n\n"
+            f"{by_seed(dense[best])}) and against dense at the same peak lr where it ran:\n\n"
             + markdown_table(["arm", "peak lr", "seed", "vs best dense", "vs dense at the same lr"], paired) + "\n")
 
 
@@ -277,11 +278,12 @@ def main() -> None:
         args.steps, args.val_batches, args.seeds = 10, 2, 1
     if args.merge:
         merged: dict[str, list[dict]] = {}
-        for folder in args.merge:
-            for name, runs in json.loads((folder / "results.json").read_text())["runs"].items():
+        sources = [json.loads((folder / "results.json").read_text()) for folder in args.merge]
+        for source in sources:
+            for name, runs in source["runs"].items():
                 have = {r["seed"] for r in merged.setdefault(name, [])}
                 merged[name] += [r for r in runs if r["seed"] not in have]
-        meta = json.loads((args.merge[0] / "results.json").read_text())["meta"]
+        meta = sources[0]["meta"]
         args.steps, args.batch, args.lr = meta["steps"], meta["batch"], meta["lr"]
         args.moe_overrides = meta.get("moe_overrides", [])
         results = {a: merged[a] for a in ARMS if a in merged}
