@@ -167,8 +167,13 @@ def findings(s: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
-# What every run of one learning-rate sweep shares (the dense checkpoint by file name, not by where it was).
+# What every run of one learning-rate sweep shares.
 SWEEP_SHAPE = ("dense", "steps", "batch", "seq", "val_batches")
+
+
+def run_shape(meta: dict, keys: tuple[str, ...]) -> dict:
+    """The given fields of a results.json meta, with the dense checkpoint by file name, not by where it was."""
+    return {**{k: meta[k] for k in keys}, "dense": Path(meta["dense"]).name}
 
 
 def sweep_records(sources: list[Path]) -> dict:
@@ -185,7 +190,7 @@ def sweep_records(sources: list[Path]) -> dict:
         data = json.loads(path.read_text())
         if folder:
             meta, suffix = data["meta"], "".join(f", {o}" for o in data["meta"].get("moe_overrides", []))
-            got = {**{k: meta[k] for k in SWEEP_SHAPE}, "dense": Path(meta["dense"]).name}
+            got = run_shape(meta, SWEEP_SHAPE)
             new = [{"arm": arm + ("" if arm == "dense continued" else suffix), "lr": meta["lr"], "seed": r["seed"],
                     "after": r["after"], "seconds": r["seconds"]} for arm, runs in data["runs"].items() for r in runs]
         else:
@@ -200,6 +205,33 @@ def sweep_records(sources: list[Path]) -> dict:
     runs = sorted(records.values(), key=lambda r: (rank.get(r["arm"].split(", ")[0], len(ARMS)), r["arm"],
                                                    -r["lr"], r["seed"]))
     return {**shape, "notes": {k: v for k, v in notes.items() if any(r["arm"] == k for r in runs)}, "runs": runs}
+
+
+def merge_records(folders: list[Path]) -> tuple[dict[str, list[dict]], dict]:
+    """The runs of several results folders (arms split over processes) as one results table's runs, in ARMS order,
+    and the first folder's meta. The first run of an arm and seed wins. Folders must share the dense model, run
+    length, batch, held-out set, peak lr and overrides, or the table would compare runs that differ in more than
+    the arm."""
+    merged: dict[str, list[dict]] = {}
+    shape: dict | None = None
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"--merge: {folder} has no results.json: give the --out folder of a replicate_paper.py run")
+        source = json.loads(path.read_text())
+        got = {**run_shape(source["meta"], SWEEP_SHAPE + ("lr",)),
+               "moe_overrides": source["meta"].get("moe_overrides", [])}
+        if shape is None:
+            meta = source["meta"]
+        elif got != shape:
+            raise SystemExit(f"--merge: {folder} ran {got}, the folders before it {shape}: one table compares arms "
+                             "at one setting; give --merge runs with the same --dense/--steps/--batch/--lr/"
+                             "--val-batches/--moe-overrides")
+        shape = got
+        for name, runs in source["runs"].items():
+            have = {r["seed"] for r in merged.setdefault(name, [])}
+            merged[name] += [r for r in runs if r["seed"] not in have]
+    return {a: merged[a] for a in ARMS if a in merged}, meta
 
 
 def sweep_tables(sweep: dict) -> str:
@@ -260,7 +292,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench_out/replicate_paper"), help="results folder")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="only write the table (in --out) of the runs in these folders' results.json: arms split over "
-                        "several processes with the same --steps/--batch/--lr; the first run of an arm and seed wins")
+                        "several processes with the same --dense/--steps/--batch/--lr/--val-batches/--moe-overrides "
+                        "(a folder of another setting is refused); the first run of an arm and seed wins")
     p.add_argument("--sweep", type=Path, nargs="+", metavar="SRC",
                    help="only write a learning-rate sweep (lr_sweep.md, lr_sweep.json in --out) from results folders "
                         "of runs at several --lr and sweep .json files, e.g. "
@@ -277,16 +310,9 @@ def main() -> None:
     if args.quick:
         args.steps, args.val_batches, args.seeds = 10, 2, 1
     if args.merge:
-        merged: dict[str, list[dict]] = {}
-        sources = [json.loads((folder / "results.json").read_text()) for folder in args.merge]
-        for source in sources:
-            for name, runs in source["runs"].items():
-                have = {r["seed"] for r in merged.setdefault(name, [])}
-                merged[name] += [r for r in runs if r["seed"] not in have]
-        meta = sources[0]["meta"]
+        results, meta = merge_records(args.merge)
         args.steps, args.batch, args.lr = meta["steps"], meta["batch"], meta["lr"]
         args.moe_overrides = meta.get("moe_overrides", [])
-        results = {a: merged[a] for a in ARMS if a in merged}
         print(write_results(results, args, Path(meta["dense"]), meta["val_batches"], meta["seq"]))
         return
 

@@ -79,3 +79,23 @@ def test_sweep_names_a_source_that_is_neither_folder_nor_file(bench, tmp_path):
     for bad in (tmp_path / "missing.json", tmp_path / "empty"):
         with pytest.raises(SystemExit, match="neither a results folder"):
             bench.sweep_records([bad])
+
+
+def test_merge_joins_arms_of_one_setting_and_keeps_the_first_run_of_a_seed(bench, tmp_path):
+    a = run_folder(tmp_path / "a", 3e-3, {"E8G8T8": {0: 1.4}, "dense continued": {0: 1.3}})
+    b = run_folder(tmp_path / "b", 3e-3, {"dense continued": {0: 9.9, 1: 1.28}, "E8G1T2": {0: 1.2}})
+    results, meta = bench.merge_records([a, b])
+    assert list(results) == ["dense continued", "E8G1T2", "E8G8T8"]  # ARMS order, not the folders'
+    assert [(r["seed"], r["after"]) for r in results["dense continued"]] == [(0, 1.3), (1, 1.28)]
+    assert meta["lr"] == 3e-3 and meta["steps"] == 4000
+
+
+@pytest.mark.parametrize("other", [dict(lr=1e-3), dict(steps=500), dict(overrides=["expert_lr_mult=2"])])
+def test_merge_refuses_folders_of_another_setting(bench, tmp_path, other):
+    a = run_folder(tmp_path / "a", 3e-3, {"dense continued": {0: 1.3}})
+    b = run_folder(tmp_path / "b", other.pop("lr", 3e-3), {"E8G1T2": {0: 1.2}}, **other)
+    with pytest.raises(SystemExit, match="one table compares arms at one setting"):
+        bench.merge_records([a, b])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="has no results.json"):
+        bench.merge_records([a, tmp_path / "empty"])
