@@ -202,7 +202,9 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 class Router(nn.Module):
     """Top-k router: softmax-then-topK, topK-then-softmax, or sigmoid, with Megatron's losses.
 
-    Routing maths runs in float32 whatever the model dtype (as Megatron's moe_router_dtype="fp32").
+    Routing maths runs in float32 whatever the model dtype, from the logits on (as Megatron's
+    moe_router_dtype="fp32": input, weight and bias cast before the projection, so a bf16 model picks the experts
+    Megatron picks); the chosen experts' weights are returned in the model dtype.
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -214,7 +216,7 @@ class Router(nn.Module):
         self.aux_coeff, self.z_coeff = cfg.moe_aux_loss_coeff, cfg.moe_z_loss_coeff
 
     def forward(self, x: torch.Tensor) -> Routing:  # x (tokens, H)
-        logits = F.linear(x, self.weight, self.bias).float()  # (tokens, N)
+        logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         n_tok, n_exp = logits.shape
         if self.kind == "softmax_then_topk":
             scores = logits.softmax(dim=-1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # Documents 0-98% train, 98-100% validation, as the demo's dense checkpoint was pretrained (examples/pretrain_dense.py):
 # held-out losses are on documents no model has seen.
@@ -53,11 +54,12 @@ def mean_loss(model, batches: list[torch.Tensor]) -> float:
 
 @torch.no_grad()
 def whole_group_fraction(model, batches: list[torch.Tensor], granularity: int) -> float | None:
-    """Fraction of (token, MoE layer) routings whose chosen experts include every one of the G shards of the
-    dense MLP (expert k holds shard k mod G). A fine-grained upcycle computes the dense function only while this
-    is 1.0, as virtual groups make it at step 0; when training unties a group's router rows, tokens take some
-    shards twice and others not at all (benchmarks/replicate_paper.py measures how fast). None for G = 1 (dense
-    models and full-size experts): there are no shards to keep together."""
+    """Fraction of (token, MoE layer) routings whose T chosen experts hold each of the G shards of the dense MLP
+    T/G times (expert k holds shard k mod G; for T not a multiple of G: at least once and T//G times). A
+    fine-grained upcycle computes the dense function only while this is 1.0, as virtual groups make it at step 0;
+    when training unties a group's router rows, tokens take some shards twice and others not at all
+    (benchmarks/replicate_paper.py measures how fast). None for G = 1 (dense models and full-size experts): there
+    are no shards to keep together."""
     if granularity == 1:
         return None
     model = model.float().eval()
@@ -69,7 +71,7 @@ def whole_group_fraction(model, batches: list[torch.Tensor], granularity: int) -
             if routing is None:
                 continue
             shards = routing.experts % granularity  # (tokens, T)
-            has = torch.zeros(shards.shape[0], granularity, dtype=torch.bool).scatter_(1, shards, True)
-            whole += int(has.all(dim=1).sum())
+            counts = F.one_hot(shards, granularity).sum(dim=1)  # (tokens, G): how often each shard was taken
+            whole += int((counts.min(dim=1).values >= max(1, shards.shape[1] // granularity)).sum())
             total += shards.shape[0]
     return whole / total if total else 1.0

@@ -10,7 +10,7 @@ import torch
 from nemo_upcycle.models import GPTModel
 from nemo_upcycle.checkpoint.hf_keys import gpt_config_from_nemotron_hf, nemotron_hf_config, state_dict_from_hf, state_dict_to_hf
 from nemo_upcycle.models.keys import local_to_te, stack_experts, te_to_local, unstack_experts
-from nemo_upcycle.models.reference import MoELayer, lm_loss
+from nemo_upcycle.models.reference import MoELayer, Router, lm_loss
 from nemo_upcycle.recipe import UpcycleConfig, upcycle_state_dict
 from tests.conftest import assert_megatron_matches, random_model, small_config
 
@@ -140,6 +140,24 @@ def test_router_matches_megatron_routing_and_losses(megatron, router):
     aux = switch_load_balancing_loss_func(scores, routing_map.sum(0), 50, 2, 4, 0.01)
     torch.testing.assert_close(r.aux_loss, aux)
     torch.testing.assert_close(r.z_loss, z_loss_func(logits, 0.001))
+
+
+def test_bf16_router_picks_the_experts_megatron_picks_in_fp32(megatron):
+    """moe_router_dtype="fp32" casts the input and the router weight before the projection: logits projected in
+    bf16 and cast afterwards pick another expert set for about 2% of these tokens."""
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    cfg = small_config(num_layers=1, hidden_size=1024, num_attention_heads=8, num_moe_experts=64,
+                       moe_ffn_hidden_size=16, moe_router_topk=8, moe_router_pre_softmax=True)
+    torch.manual_seed(0)
+    router = Router(cfg).to(torch.bfloat16)
+    torch.nn.init.normal_(router.weight, 0, 0.02)
+    x = torch.randn(4096, 1024).to(torch.bfloat16)
+    ours = router(x)
+    probs, routing_map = topk_routing_with_score_function(x.float() @ router.weight.float().T, 8,
+                                                          use_pre_softmax=True)
+    assert torch.equal(torch.zeros_like(routing_map).scatter(1, ours.experts, True), routing_map)
+    torch.testing.assert_close(ours.weights.float(), probs.gather(1, ours.experts).to(torch.bfloat16).float())
 
 
 def test_aux_loss_gradient_pushes_towards_balance():

@@ -40,3 +40,19 @@ def test_untied_group_rows_are_counted_token_by_token():
                 total += 1
     assert 0.0 < got < 1.0
     assert got == whole / total
+
+
+def test_with_two_groups_per_token_each_shard_must_be_taken_twice():
+    """E4G2T4: a token that takes shards 0, 1, 0, 0 (experts 0, 1, 2, 4) holds every shard but no second copy of
+    shard 1, so it does not compute the dense function and is not whole; experts 0-3 (two whole groups) are."""
+    cfg = small_config(num_layers=1, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2, num_query_groups=1,
+                       bias=True)
+    recipe = UpcycleConfig.from_shorthand("E4G2T4", router_init="virtual_group")
+    moe_cfg, sd = upcycle_state_dict(random_model(cfg, scale=0.3).state_dict(), cfg, recipe)
+    tokens = list(torch.randint(0, cfg.vocab_size, (1, 2, 9), generator=torch.Generator().manual_seed(1)))
+    for bias, whole in (([5, 4, 3, 0, 2, 0, 0, 0], 0.0), ([5, 4, 3, 2, 0, 0, 0, 0], 1.0)):
+        sd["decoder.layers.0.mlp.router.weight"].zero_()
+        sd["decoder.layers.0.mlp.router.bias"].copy_(torch.tensor(bias, dtype=torch.float32))
+        moe = GPTModel(moe_cfg)
+        moe.load_state_dict(sd)
+        assert whole_group_fraction(moe, tokens, granularity=2) == whole
