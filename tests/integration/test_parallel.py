@@ -128,7 +128,7 @@ def test_interleaved_engine_run_resumes_through_lightning(megatron, tmp_path):
     optimizer, then a torchrun launch at PP=2 x VPP=2 (four layers: one per chunk) resuming to step four, equal
     to an uninterrupted one-process run."""
     from nemo_upcycle.train.run import train
-    from tests.test_train import _engine_args, _saved, _torchrun_train, build_workdir, run_config
+    from tests.integration.test_train import _engine_args, _saved, _torchrun_train, build_workdir, run_config
 
     work = build_workdir(tmp_path, num_layers=4)
     args = lambda name, steps: _engine_args(work, name, steps) + ["use_distributed_optimizer=true"]  # noqa: E731
