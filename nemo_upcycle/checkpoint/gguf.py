@@ -26,7 +26,7 @@ import torch
 from nemo_upcycle.checkpoint import hf_keys as hf_names
 from nemo_upcycle.checkpoint.base import CheckpointReader, ReadOptions, TensorInfo, model_order
 from nemo_upcycle.data.tokenizers import TokenizerSpec
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError, bad_file
 from nemo_upcycle.models.keys import layer_index
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -137,6 +137,9 @@ class GGUFReader(CheckpointReader):
         if scaling not in (None, "none"):
             raise UpcycleError(f"{self.path} uses rope scaling '{scaling}', which the GGUF reader does not map: "
                                "convert the Hugging Face checkpoint instead")
+        if "rope_freqs.weight" in self._tensors:  # llama.cpp's only record of Llama 3 scaling (no scaling.type key)
+            raise UpcycleError(f"{self.path} stores llama3 RoPE frequency scaling (tensor rope_freqs.weight), which "
+                               "the GGUF reader does not support: convert the Hugging Face checkpoint instead")
         if "token_embd.weight" not in self._tensors:
             raise UpcycleError(f"{self.path} has no token_embd.weight: is it a language model?")
         heads = int(need("attention.head_count"))
@@ -168,11 +171,13 @@ class GGUFReader(CheckpointReader):
                 infos[ours] = TensorInfo(self._shape(theirs), self.dtype)
                 used.add(_hf_to_gguf_name(theirs))
         for i in range(self.config.num_layers):
-            layer = hf_names.layer_from_hf(self._meta, self._has, i, self.config, "llama")
+            # metadata (head counts, key_length) that does not fit the q/k/v rows fails inside the q/k/v fusion
+            with bad_file(self.path, "has GGUF metadata that does not match its tensor shapes", "re-export it"):
+                layer = hf_names.layer_from_hf(self._meta, self._has, i, self.config, "llama")
             infos.update({f"decoder.layers.{i}.{k}": TensorInfo(tuple(v.shape), self.dtype) for k, v in layer.items()})
             for groups, _ in hf_names.layer_sources(self._has, i, self.config, "llama").values():
                 used.update(_hf_to_gguf_name(n) for g in groups for n in g)
-        unexpected = sorted(set(self._tensors) - used - {"rope_freqs.weight"})
+        unexpected = sorted(set(self._tensors) - used)
         if unexpected:
             raise UpcycleError(f"{self.path} has tensors nemo-upcycle cannot map, e.g. {unexpected[0]}: is it a "
                                "standard Llama GGUF file?")

@@ -26,7 +26,7 @@ from nemo_upcycle.checkpoint.archive import atomic_output
 from nemo_upcycle.checkpoint.base import CheckpointWriter, Fetch, SourceMeta, TensorInfo, WriteOptions, model_order
 from nemo_upcycle.checkpoint.hf import CARRIED_FILES, HFReader
 from nemo_upcycle.data.tokenizers import packed_hf_files
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError, bad_file
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index
 
@@ -248,4 +248,7 @@ def _sentencepiece(source: SourceMeta):
         proto = Path(model).read_bytes()
     else:
         return None
-    return sentencepiece.SentencePieceProcessor(model_proto=proto)
+    # a corrupt artifact is a RuntimeError from inside sentencepiece: name it instead
+    with bad_file(f"tokenizer {model}", "is not a SentencePiece model",
+                  "replace it with the model's tokenizer .model file"):
+        return sentencepiece.SentencePieceProcessor(model_proto=proto)

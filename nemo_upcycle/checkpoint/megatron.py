@@ -119,6 +119,7 @@ def resolve_iteration_dir(path: Path) -> Path:
     """`OUT` (with a tracker file) or `OUT/iter_XXXXXXX` / `OUT/release` -> the torch_dist directory."""
     if (path / ".metadata").is_file():
         return path
+    iters = sorted(p for p in path.glob("iter_*") if (p / ".metadata").is_file())
     tracker = path / TRACKER
     if tracker.is_file():
         with bad_file(tracker, "is not readable text"):
@@ -129,7 +130,10 @@ def resolve_iteration_dir(path: Path) -> Path:
         d = path / ("release" if it == "release" else f"iter_{int(it):07d}")
         if (d / ".metadata").is_file():
             return d
-    iters = sorted(p for p in path.glob("iter_*") if (p / ".metadata").is_file())
+        # never fall back to another iteration: the tracker says which one the user means
+        held = ", ".join(p.name for p in iters) or "none"
+        raise UpcycleError(f"{tracker} names {d.name}, which is missing from {path} (or has no .metadata; "
+                           f"iterations there: {held}): fix {TRACKER}, or pass the iter_XXXXXXX directory")
     if iters:
         return iters[-1]
     raise UpcycleError(f"{path} is not a Megatron torch_dist checkpoint (no .metadata, {TRACKER} or iter_*/)")
@@ -174,12 +178,12 @@ class MegatronReader(CheckpointReader):
     def _find_config(self, given: dict[str, Any] | None, vocab: int) -> tuple[GPTConfig, dict[str, Any]]:
         if given is not None:
             with bad_file("the --model-config", "has a value of the wrong type", "fix that field"):
-                return gpt_config_from_nemo(given, vocab), dict(given)
+                return gpt_config_from_nemo(given, vocab, "the --model-config file"), dict(given)
         ours = self.path.parent / "model_config.yaml"  # written by MegatronWriter next to iter_0000000/
         if ours.is_file():
             cfg = load_yaml_mapping(ours)
             with bad_file(ours, "has a value of the wrong type", "fix that field"):
-                return gpt_config_from_nemo(cfg, vocab), cfg
+                return gpt_config_from_nemo(cfg, vocab, str(ours)), cfg
         for run_config in (self.path / "run_config.yaml", self.path.parent / "run_config.yaml"):
             if run_config.is_file():
                 model = load_yaml_mapping(run_config).get("model")

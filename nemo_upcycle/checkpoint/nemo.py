@@ -132,9 +132,22 @@ class NemoReader(CheckpointReader):
             with bad_file(f"model_config.yaml in {self.path}", "has a value of the wrong type",
                           "fix that field"):
                 self.config: GPTConfig = gpt_config_from_nemo(self.source_config, vocab)
+            if self.config.share_embeddings_and_output_weights and "output_layer.weight" in self._infos:
+                self._drop_tied_output_copy()
         except BaseException:
             self.close()
             raise
+
+    def _drop_tied_output_copy(self) -> None:
+        """With shared embeddings, Megatron's last pipeline stage (pre_process False) still has an output_layer
+        weight, a copy of the word embedding kept in sync, and a legacy shard (its state_dict()) saves it. Drop
+        that copy, once it is seen to equal the embedding: one that differs means the config is not this model's."""
+        embedding, output = self.read(["embedding.word_embeddings.weight", "output_layer.weight"]).values()
+        if not torch.equal(embedding, output):
+            raise UpcycleError(f"{self.path} holds an output_layer.weight that differs from its word embedding, "
+                               "but model_config.yaml says share_embeddings_and_output_weights: set it to false if "
+                               "the model's output layer is untied")
+        del self._infos["output_layer.weight"]
 
     def _local_copy(self, prefix: str) -> Path:
         """A real directory for `prefix`: the directory itself, or an extraction (gzip tars, legacy mmap)."""

@@ -25,21 +25,22 @@ MOE_TRAINING_DEFAULTS = {
 }
 
 
-def gpt_config_from_nemo(cfg: dict[str, Any], vocab_size: int) -> GPTConfig:
-    """GPTConfig from a NeMo model config; `vocab_size` is the padded size read off the embedding tensor."""
+def gpt_config_from_nemo(cfg: dict[str, Any], vocab_size: int, source: str = "model_config.yaml") -> GPTConfig:
+    """GPTConfig from a NeMo model config; `vocab_size` is the padded size read off the embedding tensor; errors
+    name the config as `source`."""
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
         if key not in cfg:
-            raise UpcycleError(f"model_config.yaml has no '{key}': is this a NeMo GPT checkpoint?")
+            raise UpcycleError(f"{source} has no '{key}': is this a NeMo GPT checkpoint?")
     activation = cfg.get("activation", "gelu")
     if activation_name(activation) is None:
-        raise UpcycleError(f"unsupported activation '{activation}' in model_config.yaml: supported are "
+        raise UpcycleError(f"unsupported activation '{activation}' in {source}: supported are "
                            f"{', '.join(activation_spellings())}")
     normalization = cfg.get("normalization", "layernorm")
     if normalization == "layernorm" and cfg.get("layernorm_zero_centered_gamma", False):
         normalization = "layernorm1p"
     if normalization not in ("layernorm", "layernorm1p", "rmsnorm"):
         raise UpcycleError(
-            f"unsupported normalization '{normalization}' in model_config.yaml: use layernorm, layernorm1p or rmsnorm"
+            f"unsupported normalization '{normalization}' in {source}: use layernorm, layernorm1p or rmsnorm"
         )
     position = cfg.get("position_embedding_type", "learned_absolute")
     if position != "rope":

@@ -61,16 +61,26 @@ def _unwrapped_errors() -> Iterator[None]:
 
 # ---- safe metadata ------------------------------------------------------------------------------------------
 
+# Every global a `.metadata` file names, as torch's DCP and Megatron's cached save plans write them. An exact list:
+# a prefix rule would admit dotted names (pickle protocol 4) that reach other modules' callables through these.
+_METADATA_GLOBALS = frozenset(
+    [("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")]
+    + [("torch.distributed.checkpoint.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType",
+                                                             "TensorWriteData")]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+       ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+       ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")])  # the last two: StorageMeta.checkpoint_id
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP `.metadata` admitting only DCP's own classes, torch.Size and dtypes: no code can run."""
+    """Unpickles DCP `.metadata` admitting only the classes DCP metadata is made of, torch.Size and dtypes: no
+    code can run."""
 
     def find_class(self, module: str, name: str):  # noqa: D401
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in {
-            ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-            ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}:  # StorageMeta.checkpoint_id
-            obj = super().find_class(module, name)
-            if isinstance(obj, type) or (module, name) == ("torch.serialization", "_get_layout"):
-                return obj
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")

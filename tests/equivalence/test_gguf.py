@@ -4,6 +4,7 @@ llama.cpp's converter writes one (q/k rows permuted for its rotary layout, Q8_0-
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, model, quantise: bool = True) -> Path:
+def write_gguf(path: Path, model, quantise: bool = True,
+               edit: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:
+    """`edit`: a last change to the writer (a key or tensor more) before the file is written."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.num_hidden_layers)
@@ -57,6 +60,8 @@ def write_gguf(path: Path, model, quantise: bool = True) -> Path:
                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(out, data)
+    if edit is not None:
+        edit(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -65,10 +70,13 @@ def write_gguf(path: Path, model, quantise: bool = True) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gguf")
-    model = save_dense(root / "hf", "llama", hidden_size=64, intermediate_size=128)
-    return write_gguf(root / "tiny.gguf", model)
+def dense_llama(tmp_path_factory):
+    return save_dense(tmp_path_factory.mktemp("hf"), "llama", hidden_size=64, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(dense_llama, tmp_path_factory):
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", dense_llama)
 
 
 def test_gguf_reader_equals_transformers_gguf_loader(tiny_gguf):
@@ -110,6 +118,26 @@ def test_not_a_gguf_file_is_a_one_line_error(tmp_path):
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(UpcycleError, match="not a readable GGUF file"):
         open_checkpoint(bad)
+
+
+def test_llama3_rope_freqs_tensor_is_refused(dense_llama, tmp_path):
+    """llama.cpp records Llama 3 RoPE scaling only as the rope_freqs.weight tensor (no rope.scaling.type key):
+    reading the file without it would be plain RoPE, another model."""
+    half = dense_llama.config.hidden_size // dense_llama.config.num_attention_heads // 2
+    path = write_gguf(tmp_path / "llama31.gguf", dense_llama,
+                      edit=lambda w: w.add_tensor("rope_freqs.weight", np.full(half, 8.0, dtype=np.float32)))
+    with pytest.raises(UpcycleError) as err:
+        open_checkpoint(path)
+    assert str(err.value) == (f"{path} stores llama3 RoPE frequency scaling (tensor rope_freqs.weight), which the "
+                              "GGUF reader does not support: convert the Hugging Face checkpoint instead")
+
+
+def test_metadata_not_matching_the_tensor_shapes_is_a_one_line_error(dense_llama, tmp_path):
+    path = write_gguf(tmp_path / "keylen.gguf", dense_llama, edit=lambda w: w.add_key_length(8))  # head_dim is 16
+    with pytest.raises(UpcycleError) as err:
+        open_checkpoint(path)
+    assert str(err.value) == (f"{path} has GGUF metadata that does not match its tensor shapes (RuntimeError: shape "
+                              "'[2, 16, 64]' is invalid for input of size 4096): re-export it")
 
 
 @pytest.mark.slow

@@ -12,8 +12,11 @@ import torch
 
 from nemo_upcycle.checkpoint import WriteOptions, open_checkpoint
 from nemo_upcycle.convert import convert
+from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.recipe import UpcycleConfig
+from tests.conftest import random_model, small_config
 from tests.hf_fixtures import folder_tensors, hf_config, load_hf, logits, rewrite_tensors, save_dense
+from tests.nemo_fixtures import write_nemo_dir
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}
@@ -210,3 +213,17 @@ def test_transformers_own_save_of_the_export_is_the_same_checkpoint(dense, tmp_p
     assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
     with open_checkpoint(tmp_path / "ours") as a, open_checkpoint(tmp_path / "theirs") as b:  # its config.json too
         assert a.config == b.config
+
+
+def test_corrupt_sentencepiece_artifact_is_a_one_line_error(tmp_path):
+    """A .nemo's SentencePiece tokenizer becomes the export's tokenizer.model: a corrupt one is named, not a
+    RuntimeError from inside sentencepiece, and nothing is written."""
+    model = random_model(small_config(activation="swiglu", normalization="rmsnorm", rotary_percentage=1.0))
+    src = write_nemo_dir(tmp_path / "in", model, spm=b"this is not a sentencepiece model", layout="legacy")
+    artifact = next(src.glob("*_tokenizer.model")).name
+    with pytest.raises(UpcycleError) as err:
+        export(src, tmp_path / "moe", "qwen2_moe")
+    line = str(err.value)
+    assert line.startswith(f"tokenizer nemo:{artifact} is not a SentencePiece model (RuntimeError: INTERNAL: ")
+    assert line.endswith("): replace it with the model's tokenizer .model file")
+    assert not (tmp_path / "moe").exists()

@@ -22,8 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.fuzz_inputs import BAD_FLAGS, bad_results, build_seeds, run_fuzz, summarise
+from nemo_upcycle.checkpoint import open_checkpoint
 from nemo_upcycle.cli import main
-from tests.nemo_fixtures import pack_nemo
+from tests.conftest import random_model, small_config
+from tests.nemo_fixtures import pack_nemo, write_nemo_dir
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +127,29 @@ def test_corrupt_distcp_metadata(copy, tmp_path):
         "truncated): the checkpoint is corrupt or not torch_dist; re-copy it")
 
 
+def test_pickle_payload_in_distcp_metadata_runs_nothing(copy, tmp_path, monkeypatch):
+    """Protocol-4 dotted names reach other modules' types through DCP's own modules (filesystem imports operator):
+    methodcaller(...)(itemgetter('os')(attrgetter('__init__.__globals__')(Metadata({})))) is os.system(...)."""
+    def name(text: str) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text.encode()  # SHORT_BINUNICODE
+
+    def dcp(module: str, attr: str) -> bytes:
+        return name(f"torch.distributed.checkpoint.{module}") + name(attr) + b"\x93"  # STACK_GLOBAL
+
+    payload = (b"\x80\x04" + dcp("filesystem", "operator.methodcaller") + name("system") + name("touch PWNED")
+               + b"\x86R" + dcp("filesystem", "operator.itemgetter") + name("os") + b"\x85R"
+               + dcp("filesystem", "operator.attrgetter") + name("__init__.__globals__") + b"\x85R"
+               + dcp("metadata", "Metadata") + b"}\x85R" + b"\x85R" * 3 + b".")
+    lm = copy("megatron_lm")
+    (lm / "iter_0000100" / ".metadata").write_bytes(payload)
+    monkeypatch.chdir(tmp_path)
+    assert convert_error(lm, tmp_path / "o.nemo") == (
+        f"error: unreadable torch_dist metadata in {lm / 'iter_0000100'} (UnpicklingError: refusing to load "
+        "torch.distributed.checkpoint.filesystem.operator.methodcaller from checkpoint metadata): the checkpoint is "
+        "corrupt or not torch_dist; re-copy it")
+    assert not (tmp_path / "PWNED").exists()
+
+
 def _rewrite_metadata(meta_file: Path, edit) -> None:
     from nemo_upcycle.checkpoint.torch_dist import _MetadataUnpickler
 
@@ -172,6 +197,28 @@ def test_broken_model_config_yaml(copy, tmp_path, monkeypatch, text, message):
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_tracker_naming_a_missing_iteration(copy, tmp_path):
+    """No fall-back to another iter_* folder: the tracker says which iteration the user means."""
+    lm = copy("megatron_lm")
+    tracker = lm / "latest_checkpointed_iteration.txt"
+    tracker.write_text("300")
+    assert convert_error(lm, tmp_path / "o.nemo") == (
+        f"error: {tracker} names iter_0000300, which is missing from {lm} (or has no .metadata; iterations there: "
+        "iter_0000100): fix latest_checkpointed_iteration.txt, or pass the iter_XXXXXXX directory")
+
+
+def test_model_config_errors_name_the_file_given_and_other_inputs_refuse_it(copy, tmp_path, monkeypatch):
+    config = tmp_path / "model.yaml"
+    config.write_text("num_layers: 2\n")
+    monkeypatch.chdir(tmp_path)
+    assert convert_error(copy("megatron_model_config"), tmp_path / "o.nemo", "--model-config", config) == (
+        "error: the --model-config file has no 'hidden_size': is this a NeMo GPT checkpoint?")
+    nemo = copy("nemo_tar")
+    assert convert_error(nemo, tmp_path / "o.nemo", "--model-config", config) == (
+        f"error: --model-config FILE is read only for Megatron checkpoints without saved args; {nemo} is a nemo "
+        "checkpoint, which carries its own config: drop --model-config FILE")
+
+
 # ---- .nemo files ------------------------------------------------------------------------------------------------
 
 def test_pickle_payload_in_a_legacy_checkpoint(copy, tmp_path, monkeypatch):
@@ -201,6 +248,31 @@ def test_failed_extracting_read_leaves_no_temp_copy(copy, tmp_path, private_tmp,
     bad = pack_nemo(source, tmp_path / "bad.nemo", gzip=kind == "nemo_gzip")
     assert convert_error(bad, tmp_path / "o.nemo") == "error: model config layernorm_epsilon must be float, got 'tiny'"
     assert list(private_tmp.iterdir()) == []
+
+
+def _legacy_pp2_with_output_copy(directory: Path, change: float) -> Path:
+    """A legacy PP=2 .nemo with tied embeddings whose last stage also saves output_layer.weight, as Megatron's does
+    (a post_process stage without pre_process keeps a synced copy of the embedding): that copy plus `change`."""
+    model = random_model(small_config(share_embeddings_and_output_weights=True))
+    write_nemo_dir(directory, model, None, layout="legacy", pp=2)
+    last = directory / "tp_rank_00_pp_rank_001" / "model_weights.ckpt"
+    embedding = model.state_dict()["embedding.word_embeddings.weight"]
+    torch.save({**torch.load(last, weights_only=False), "model.output_layer.weight": embedding + change}, last)
+    return directory
+
+
+def test_legacy_last_stage_copy_of_a_tied_embedding_is_dropped(tmp_path):
+    source = _legacy_pp2_with_output_copy(tmp_path / "tied", 0.0)
+    assert main(["convert", str(source), str(tmp_path / "o.nemo"), "--quiet"]) == 0
+    with open_checkpoint(tmp_path / "o.nemo") as reader:
+        assert reader.config.share_embeddings_and_output_weights and "output_layer.weight" not in reader.tensors()
+
+
+def test_legacy_last_stage_output_layer_differing_from_a_tied_embedding(tmp_path):
+    source = _legacy_pp2_with_output_copy(tmp_path / "tied", 1.0)
+    assert convert_error(source, tmp_path / "o.nemo") == (
+        f"error: {source} holds an output_layer.weight that differs from its word embedding, but model_config.yaml "
+        "says share_embeddings_and_output_weights: set it to false if the model's output layer is untied")
 
 
 # ---- command line and Hydra ---------------------------------------------------------------------------------------
