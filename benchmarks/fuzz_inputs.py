@@ -449,6 +449,9 @@ CLI_MUTATIONS: list[list[str]] = [
     ["--recipe", "none"], ["--recipe", "none", "--granularity", "2"], ["--router", "sigmoid"],
     ["--router", "topk_then_softmax", "--format", "hf", "--hf-arch", "mixtral"], ["--shared-expert"],
     ["--no-pack"], ["--model-config", "/nonexistent.yaml"], ["--model-config", "/dev/null"], ["--overwrite"],
+    ["--verify", "1", "--verify-threshold", "nan"], ["--verify", "1", "--verify-threshold", "-1"],
+    ["--aux-loss-coeff", "-1"], ["--expansion", "4", "--num-experts", "64", "--granularity", "8"],
+    ["--router", "topk_then_softmax", "--topk", "1"],
 ]
 HYDRA_OVERRIDES: list[list[str]] = [
     ["verify=abc"], ["verify=-1"], ["verify=[1]"], ["verify=true"], ["verify=0"], ["pack=maybe"], ["pack=0"],
@@ -457,7 +460,8 @@ HYDRA_OVERRIDES: list[list[str]] = [
     ["recipe.layers=[0,x]"], ["recipe.layers=5"], ["recipe.layers=[]"], ["recipe.drop_ratio=abc"],
     ["recipe.seed=abc"], ["recipe.router=none"], ["recipe.weight_scaling=[1]"], ["recipe.topk=0"],
     ["recipe.router_init_std=-1"], ["recipe.aux_loss_coeff=abc"], ["recipe=null"], ["recipe=5"],
-    ["+recipe.bogus=1"], ["max_shard_size=abc"], ["output_format=hf", "hf_arch=foo"],
+    ["+recipe.bogus=1"], ["max_shard_size=abc"], ["output_format=hf", "hf_arch=foo"], ["+bogus=1"],
+    ["verify=0", "verify_threshold=nan"], ["target_engine=bogus"], ["gguf_dtype=int8"],
     ["output_format=hf", "hf_arch=qwen2_moe", "max_shard_size=0"], ["model_config=/nonexistent.yaml"],
     ["input=/nonexistent"], ["output=5"], ["recipe.shared_expert=maybe"], ["recipe.expansion=2.5"],
 ]

@@ -6,6 +6,7 @@ at a time, so memory stays bounded by about one layer's output whatever the mode
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -18,15 +19,16 @@ from nemo_upcycle.checkpoint import (
     INPUT_FORMATS, OUTPUT_FORMATS, CheckpointReader, ReadOptions, WriteOptions, make_writer, open_checkpoint)
 from nemo_upcycle.checkpoint.archive import check_free_disk, check_output_path, load_yaml_mapping
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
+from nemo_upcycle.checkpoint.hf_keys import ENGINES
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.models.config import GPTConfig
 from nemo_upcycle.models.keys import layer_index
 from nemo_upcycle.models.manifest import TensorInfo, check_tensors, expected_shapes
 from nemo_upcycle.recipe import UpcycleConfig, moe_config, upcycle_layer_mlp
-from nemo_upcycle.recipe.calibration import directions_from_reader
+from nemo_upcycle.recipe.calibration import directions_from_reader, reader_tokenizer
 from nemo_upcycle.recipe.state_dict import DENSE_MLP_KEYS
 from nemo_upcycle.report import human_count, markdown_table
-from nemo_upcycle.verify import VerifyOptions, verify_conversion
+from nemo_upcycle.verify import DEFAULT_THRESHOLD, VerifyOptions, verify_conversion, verify_tokens
 
 
 # ---- plan ---------------------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
     start = time.perf_counter()
     check_options(read, write, verify)
     output_path = Path(output_path)
-    check_output_path(output_path, write.overwrite)
+    check_output_path(output_path, write.overwrite, input_path)
     with open_checkpoint(input_path, read) as reader:
         plan = plan_conversion(reader, recipe, str(input_path))
         writer = make_writer(output_path, write)
@@ -223,6 +225,8 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
         order = writer.fetch_order(plan.moe, plan.outputs)
         check_one_layer_at_a_time(order, writer.name)
         check_free_disk(output_path, plan.bytes_out + writer.overhead_bytes(plan.outputs))
+        if verify is not None and recipe is not None:  # a text too short to measure on fails before writing
+            verify_tokens(reader_tokenizer(reader), plan.dense.vocab_size, verify.text)
         directions = directions_from_reader(reader, recipe) if recipe is not None else None
         bar = tqdm(total=plan.dense.num_layers, unit="layer", desc="upcycling", disable=not progress)
         stream = LayerStream(reader, plan, bar, directions, order)
@@ -251,8 +255,13 @@ def check_options(read: ReadOptions, write: WriteOptions, verify: VerifyOptions 
                                or verify.layers < 0):
         raise UpcycleError(f"verify must be null (skip), 0 (all layers) or a positive number of layers, "
                            f"got {verify.layers!r}")
+    t = None if verify is None else verify.threshold
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < math.inf):
+        raise UpcycleError(f"verify_threshold={t!r} must be a finite relative loss gap >= 0, e.g. 0.001 (0.1%)")
     if write.hf_arch is not None and write.hf_arch not in HF_ARCHS:
         raise UpcycleError(f"hf_arch must be one of {', '.join(HF_ARCHS)}, got {write.hf_arch!r}")
+    if write.target_engine is not None and write.target_engine not in ENGINES:
+        raise UpcycleError(f"target_engine must be one of {', '.join(ENGINES)}, got {write.target_engine!r}")
     size = write.max_shard_size
     if size is not None and (isinstance(size, bool) or parse_size(size) < 1):
         raise UpcycleError(f"max shard size {size!r} is not a size such as 5GB, 500MB or 2GiB")
@@ -274,6 +283,15 @@ def _verify(reader: CheckpointReader, output_path: Path, recipe: UpcycleConfig |
     return result
 
 
+def read_verify_text(path: Path | str | None) -> str | None:
+    """The text a verification measures on (None: the bundled sample)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UpcycleError(f"verify_data={path} is not a file: pass a UTF-8 text file")
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
 def load_model_config(path: Path | str | None) -> dict[str, Any] | None:
     if path is None:
         return None
@@ -282,8 +300,21 @@ def load_model_config(path: Path | str | None) -> dict[str, Any] | None:
     return load_yaml_mapping(path, "model config ")
 
 
+GGUF_DTYPES = ("bfloat16", "float16", "float32")
+# conf/upcycle.yaml's fields, each the Hydra twin of a `nemo-upcycle convert` option
+CONFIG_KEYS = ("input", "output", "output_format", "hf_arch", "max_shard_size", "target_engine", "input_format",
+               "pack", "overwrite", "model_config", "gguf_dtype", "verify", "verify_data", "verify_threshold",
+               "recipe")
+
+
 def convert_from_config(cfg: dict[str, Any]) -> Summary:
     """Run a conversion described by conf/upcycle.yaml (as a plain dict)."""
+    unknown = sorted(set(cfg) - set(CONFIG_KEYS))
+    if unknown:
+        raise UpcycleError(f"unknown option {unknown[0]} in the convert config: use one of {', '.join(CONFIG_KEYS)} "
+                           "(conf/upcycle.yaml documents them; recipe options go under recipe.)")
+    if cfg.get("gguf_dtype", "bfloat16") not in GGUF_DTYPES:
+        raise UpcycleError(f"gguf_dtype must be one of {', '.join(GGUF_DTYPES)}, got {cfg['gguf_dtype']!r}")
     for key in ("input", "output"):
         if cfg.get(key) in (None, "???"):
             raise UpcycleError(f"set {key}=... (the {key} checkpoint path)")
@@ -292,9 +323,12 @@ def convert_from_config(cfg: dict[str, Any]) -> Summary:
     recipe = cfg.get("recipe", {})
     if recipe is not None and not isinstance(recipe, dict):
         raise UpcycleError(f"recipe must be a mapping of recipe options (or null: format only), got {recipe!r}")
-    read = ReadOptions(cfg.get("input_format", "auto"), load_model_config(cfg.get("model_config")))
+    read = ReadOptions(cfg.get("input_format", "auto"), load_model_config(cfg.get("model_config")),
+                       getattr(torch, cfg.get("gguf_dtype", "bfloat16")))
     write = WriteOptions(cfg.get("output_format", "nemo"), cfg.get("overwrite", False), cfg.get("pack", True),
-                         cfg.get("hf_arch"), cfg.get("max_shard_size"))
-    verify = None if cfg.get("verify") is None else VerifyOptions(cfg["verify"])
+                         cfg.get("hf_arch"), cfg.get("max_shard_size"), cfg.get("target_engine"))
+    text = read_verify_text(cfg.get("verify_data"))
+    verify = None if cfg.get("verify") is None else VerifyOptions(
+        cfg["verify"], text, cfg.get("verify_threshold", DEFAULT_THRESHOLD))
     return convert(cfg["input"], cfg["output"], None if recipe is None else UpcycleConfig.from_dict(recipe),
                    read=read, write=write, verify=verify)

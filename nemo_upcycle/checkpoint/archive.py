@@ -22,6 +22,9 @@ from typing import IO, Iterator
 from nemo_upcycle.errors import UpcycleError, bad_file, reason
 
 
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bz2, xz: what tarfile's "r:*" decompresses
+
+
 def _normalise(name: str) -> str:
     """`./model_weights/x` -> `model_weights/x`; rejects unsafe names."""
     p = PurePosixPath(name)
@@ -31,7 +34,8 @@ def _normalise(name: str) -> str:
 
 
 class TarArchive:
-    """Index of a `.nemo` tar (plain or gzip): member name -> TarInfo, validated as a whole when opened."""
+    """Index of a `.nemo` tar (plain, or gzip / bz2 / xz: read by extraction): member name -> TarInfo, validated
+    as a whole when opened."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -46,7 +50,7 @@ class TarArchive:
             self._tar.close()
             raise UpcycleError(f"{self.path} is truncated or corrupt ({reason(err)}): re-download or re-copy it") from None
         with open(self.path, "rb") as f:
-            self.compressed = f.read(2) == b"\x1f\x8b"  # gzip magic
+            self.compressed = f.read(6).startswith(COMPRESSED_MAGIC)
         self.members: dict[str, tarfile.TarInfo] = {}
         size = self.path.stat().st_size
         for m in members:
@@ -162,14 +166,23 @@ def load_yaml_mapping(path: Path | str, what: str = "") -> dict:
 
 # ---- outputs ------------------------------------------------------------------------------------------------
 
-def check_output_path(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
+def check_output_path(path: Path, overwrite: bool, source: Path | str | None = None) -> None:
+    """Refuse an existing output unless `overwrite`, and an output that is, holds or lies inside `source` (the
+    input): replacing it would delete the input, or write into it."""
+    if (path.exists() or path.is_symlink()) and not overwrite:
         raise UpcycleError(f"{path} already exists: choose another output path or pass --overwrite")
+    if source is not None:
+        out, src = Path(os.path.realpath(path)), Path(os.path.realpath(source))
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            raise UpcycleError(f"output {path} is, holds or lies inside the input {source}: writing it would "
+                               "replace or change the input; choose an output path outside the input")
 
 
 def check_free_disk(path: Path, need_bytes: int) -> None:
     """Refuse to start when the output's file system cannot hold `need_bytes` (plus 5% slack)."""
-    parent = path.parent if path.parent.exists() else Path(".")
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():  # the folders the output will create: measure where they will be made
+        parent = parent.parent
     free = shutil.disk_usage(parent).free
     if need_bytes * 1.05 > free:
         raise UpcycleError(
@@ -183,19 +196,26 @@ def atomic_output(path: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling path to write into; rename it to `path` only when the block completes.
 
     An interrupted run leaves only a `.<name>.tmp-*` entry, never something that looks like a finished output.
+    An old output being replaced is first moved into that entry, so a crash leaves it there, not lost; a path
+    that appeared while writing without `overwrite` is left alone, and the finished output kept beside it.
     """
     path = Path(path)
     check_output_path(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     target = tmp / path.name  # the caller creates it (a file, or a directory when is_dir)
+    keep = False
     try:
         yield target
-        if path.exists():  # overwrite was allowed
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                keep = True
+                raise UpcycleError(f"{path} appeared while the output was written: the finished output is kept "
+                                   f"as {target}; move it into place yourself, or rerun with --overwrite")
+            os.replace(path, tmp / f"{path.name}.replaced")  # a link is moved as itself, not its target
         os.replace(target, path)
     finally:
-        if tmp.exists():
+        if tmp.exists() and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -213,12 +233,15 @@ class TarWriter:
         self._headers: dict[str, tuple[int, int]] = {}  # name -> (header offset, size)
         self._write_header(".", 0, tarfile.DIRTYPE)
 
-    def _header(self, name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    @staticmethod
+    def _header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
         info = tarfile.TarInfo(name if name.startswith("./") or name == "." else f"./{name}")
         info.size, info.type, info.mode = size, kind, 0o755 if kind == tarfile.DIRTYPE else 0o644
         info.mtime = int(time.time())
-        buf = info.tobuf(format=tarfile.USTAR_FORMAT)
-        if len(buf) != self.BLOCK:
+        # ustar sizes stop below 8 GiB (11 octal digits); past that GNU's base-256 size, which readers since
+        # GNU tar 1.13 and Python's tarfile take, in the same one block while the name fits 100 characters
+        buf = info.tobuf(format=tarfile.USTAR_FORMAT if size < 8 ** 11 else tarfile.GNU_FORMAT)
+        if len(buf) != TarWriter.BLOCK:
             raise UpcycleError(f"member name too long for a tar header: {name}")
         return buf
 

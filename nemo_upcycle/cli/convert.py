@@ -19,7 +19,8 @@ from nemo_upcycle.checkpoint import (
     INPUT_FORMATS, OUTPUT_FORMATS, ReadOptions, WriteOptions, make_writer, open_checkpoint)
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.checkpoint.hf_keys import ENGINES
-from nemo_upcycle.convert import Plan, check_options, convert, load_model_config, plan_conversion
+from nemo_upcycle.convert import (
+    GGUF_DTYPES, Plan, check_options, convert, load_model_config, plan_conversion, read_verify_text)
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.recipe import UpcycleConfig
 from nemo_upcycle.recipe.config import ROUTER_INITS, ROUTER_TYPES, SCALING_METHODS
@@ -51,6 +52,9 @@ def recipe_from_args(args: argparse.Namespace) -> UpcycleConfig | None:
             raise UpcycleError(f"--num-experts {args.num_experts} and granularity {g} must be positive integers")
         if args.num_experts % g:
             raise UpcycleError(f"--num-experts {args.num_experts} is not a multiple of granularity {g}")
+        if args.expansion is not None and args.expansion != args.num_experts // g:
+            raise UpcycleError(f"--expansion {args.expansion} and --num-experts {args.num_experts} disagree (E = "
+                               f"experts / G = {args.num_experts // g} at granularity {g}): give one of the two")
         values["expansion"] = args.num_experts // g
     if args.layers:
         values["layers"] = _layer_list(args.layers)
@@ -144,7 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="UTF-8 text --verify measures the function on (default: a bundled English sample)")
     o.add_argument("--verify-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="FRACTION",
                    help="largest relative held-out loss gap --verify passes (default 0.001 = 0.1%%)")
-    o.add_argument("--gguf-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+    o.add_argument("--gguf-dtype", choices=GGUF_DTYPES, default="bfloat16",
                    help="what a GGUF input's (quantised) tensors are dequantised to (default bfloat16)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -156,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     verify = None if args.verify is None else VerifyOptions(args.verify, threshold=args.verify_threshold)
     read = ReadOptions(args.input_format, gguf_dtype=getattr(torch, args.gguf_dtype))
     check_options(read, write, verify)  # a bad option is named before the model config file is read
+    text = read_verify_text(args.verify_data)  # a wrong path is named even without --verify
+    verify = None if verify is None else replace(verify, text=text)
     read = replace(read, model_config=load_model_config(args.model_config))
     if args.dry_run:
         with open_checkpoint(args.input, read) as reader:
@@ -167,11 +173,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{len(rows)} tensors, {human_count(Plan.params(plan.outputs))} parameters, "
               f"{plan.bytes_out / 1e9:.3f} GB to write as {write.format} to {args.output}")
         return 0
-    if args.verify_data is not None:
-        if not args.verify_data.is_file():
-            raise UpcycleError(f"--verify-data {args.verify_data} is not a file: pass a UTF-8 text file")
-        if verify is not None:
-            verify = replace(verify, text=args.verify_data.read_text(encoding="utf-8", errors="replace"))
     summary = convert(args.input, args.output, recipe, read=read, write=write, verify=verify,
                       progress=not args.quiet)
     print(summary.table())

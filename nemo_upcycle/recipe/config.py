@@ -86,6 +86,10 @@ class UpcycleConfig:
                 f"top-k {self.topk} exceeds the number of experts {self.num_experts} (= E*G = "
                 f"{self.expansion}*{self.granularity}): lower topk or raise expansion"
             )
+        if self.router == "topk_then_softmax" and self.topk == 1:
+            raise UpcycleError("router topk_then_softmax with top-k 1 gives the one chosen expert weight 1, so the "
+                               "router never learns (Megatron refuses it): use top-k >= 2, or router "
+                               "softmax_then_topk or sigmoid")
         if self.router_init != "random" and self.topk % self.granularity:
             raise UpcycleError(
                 f"top-k {self.topk} must be a multiple of granularity {self.granularity} for virtual-group "
@@ -109,6 +113,9 @@ class UpcycleConfig:
             raise UpcycleError(f"router_init_std must be positive, got {self.router_init_std}")
         if self.topk_scaling_factor is not None and self.topk_scaling_factor <= 0:
             raise UpcycleError(f"topk_scaling_factor must be positive, got {self.topk_scaling_factor}")
+        for name in ("aux_loss_coeff", "z_loss_coeff"):  # a negative coefficient rewards the imbalance it penalises
+            if (getattr(self, name) or 0) < 0:
+                raise UpcycleError(f"{name} must be >= 0 (0 or null: no such loss), got {getattr(self, name)}")
         if self.layers is not None:
             if self.layer_freq != 1:
                 raise UpcycleError("give either layers or layer_freq, not both")

@@ -36,9 +36,25 @@ class TrainResult:
 def load_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
     """conf/<config_name>.yaml with Hydra overrides applied (what `nemo-upcycle train` and tests use)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose(config_name=config_name, overrides=list(overrides or []))
+        try:
+            return compose(config_name=config_name, overrides=list(overrides or []))
+        except HydraException as err:  # a typo in an override or a group option, an unknown --config-name
+            raise UpcycleError(f"{_one_line(err)}: fix the override or --config-name (configs in {CONF_DIR}; "
+                               "--print-config shows what composes)") from None
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's multi-line message as one line: its tab-indented lists joined by commas, the search path left out."""
+    out: list[str] = []
+    for line in str(err).split("Config search path:")[0].splitlines():
+        if line.startswith("\t") and out:
+            out[-1] += (" " if out[-1].endswith(":") else ", ") + line.strip()
+        elif line.strip():
+            out.append(line.strip())
+    return " ".join(out)
 
 
 def _model_overrides(cfg: DictConfig) -> dict[str, Any]:

@@ -26,9 +26,10 @@ from tests.conftest import random_model, small_config
 @st.composite
 def recipes(draw):
     g = draw(st.sampled_from([1, 2, 4, 8]))
-    e = draw(st.integers(1, 3))
-    t = g * draw(st.integers(1, e))
     router = draw(st.sampled_from(["softmax_then_topk", "topk_then_softmax", "sigmoid"]))
+    fewest = 2 if router == "topk_then_softmax" and g == 1 else 1  # top-1 topK-then-softmax is refused
+    e = draw(st.integers(fewest, 3))
+    t = g * draw(st.integers(fewest, e))
     return UpcycleConfig(expansion=e, granularity=g, topk=t, router=router,
                          seed=draw(st.integers(0, 10_000)), router_init="virtual_group", router_init_std=0.3)
 

@@ -22,9 +22,9 @@ from nemo_upcycle.cli import main
 from nemo_upcycle.convert import LayerStream, convert
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.recipe import UpcycleConfig
-from nemo_upcycle.verify import verify_conversion
+from nemo_upcycle.verify import VerifyOptions, verify_conversion
 from tests.conftest import random_model, small_config
-from tests.nemo_fixtures import pack_nemo, write_nemo_dir
+from tests.nemo_fixtures import pack_nemo, spm_model_bytes, write_nemo_dir
 
 RECIPE = UpcycleConfig.from_shorthand("E2G2T2")
 
@@ -122,6 +122,105 @@ def test_refuses_to_overwrite_unless_told(dense_dir, tmp_path):
     assert out.read_text() == "precious"
     convert(dense_dir, out, RECIPE, write=WriteOptions(overwrite=True), progress=False)
     assert tarfile.is_tarfile(out)
+
+
+def test_refuses_an_output_that_is_holds_or_lies_inside_the_input(dense_dir, tmp_path):
+    packed = pack_nemo(dense_dir, tmp_path / "in.nemo")
+    before = packed.read_bytes()
+    for source, out in ((packed, packed), (packed, tmp_path), (dense_dir, dense_dir / "moe.nemo")):
+        one_line_error(lambda: convert(source, out, RECIPE, write=WriteOptions(overwrite=True), progress=False),
+                       "is, holds or lies inside the input")
+    assert packed.read_bytes() == before and not (dense_dir / "moe.nemo").exists()
+
+
+def test_overwrite_replaces_a_link_not_its_target(dense_dir, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("precious")
+    link = tmp_path / "out.nemo"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    one_line_error(lambda: convert(dense_dir, link, RECIPE, progress=False), "already exists")
+    convert(dense_dir, link, RECIPE, write=WriteOptions(overwrite=True), progress=False)
+    assert tarfile.is_tarfile(link) and not link.is_symlink()
+    assert (elsewhere / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "elsewhere", "out.nemo"]  # no temporary left
+
+
+def test_an_output_that_appears_while_writing_is_not_replaced(dense_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out.nemo"
+    original = LayerStream._compute_layer
+
+    def another_process_writes_out(self, i):
+        out.write_text("someone else's")
+        original(self, i)
+
+    monkeypatch.setattr(LayerStream, "_compute_layer", another_process_writes_out)
+    text = one_line_error(lambda: convert(dense_dir, out, RECIPE, progress=False), "appeared while the output")
+    assert out.read_text() == "someone else's"
+    kept = Path(text.split(" is kept as ")[1].split(";")[0])
+    assert tarfile.is_tarfile(kept) and kept.parent.parent == tmp_path  # the finished output, not lost
+
+
+def test_free_disk_is_measured_where_a_new_output_folder_will_be(tmp_path, monkeypatch):
+    from nemo_upcycle.checkpoint.archive import check_free_disk
+
+    asked = []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: asked.append(Path(path)) or
+                        shutil._ntuple_diskusage(total=10**9, used=0, free=10**9))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    check_free_disk(tmp_path / "new" / "deeper" / "out.nemo", 10)
+    assert asked == [tmp_path]
+
+
+def test_tar_headers_hold_members_past_8_gib():
+    from nemo_upcycle.checkpoint.archive import TarWriter
+
+    for size in (8 ** 11 - 1, 8 ** 11, 11_300_000_000):
+        block = TarWriter._header("model_weights/__0_0.distcp", size)
+        info = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+        assert len(block) == tarfile.BLOCKSIZE and info.size == size and info.name == "./model_weights/__0_0.distcp"
+
+
+@pytest.mark.parametrize("mode", ["w:bz2", "w:xz"])
+def test_bz2_and_xz_nemo_files_are_read_by_extraction(dense_dir, tmp_path, mode):
+    packed = tmp_path / f"in.{mode[2:]}.nemo"
+    with tarfile.open(packed, mode) as tar:
+        tar.add(dense_dir, arcname=".")
+    convert(packed, tmp_path / "moe.nemo", RECIPE, progress=False)
+    assert tarfile.is_tarfile(tmp_path / "moe.nemo")
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), -1.0, float("inf")])
+def test_a_verify_threshold_that_could_not_pass_or_fail_is_refused(dense_dir, tmp_path, threshold):
+    one_line_error(lambda: convert(dense_dir, tmp_path / "o.nemo", RECIPE, verify=VerifyOptions(threshold=threshold),
+                                   progress=False), "must be a finite relative loss gap >= 0")
+    assert not (tmp_path / "o.nemo").exists()
+
+
+def test_a_verify_text_too_short_to_measure_fails_before_writing(megatron, tmp_path):
+    with_tokenizer = write_nemo_dir(tmp_path / "spm_dense", random_model(small_config()), spm_model_bytes(tmp_path))
+    one_line_error(lambda: convert(with_tokenizer, tmp_path / "o.nemo", RECIPE, verify=VerifyOptions(text=""),
+                                   progress=False), "the verify text gives fewer than 2 tokens")
+    assert not (tmp_path / "o.nemo").exists()
+
+
+def test_the_hydra_path_takes_every_option_and_refuses_unknown_ones(dense_dir, tmp_path):
+    from nemo_upcycle.convert import convert_from_config
+
+    base = {"input": str(dense_dir), "output": str(tmp_path / "o.nemo"), "recipe": {"shorthand": "E2G2T2"}}
+    for extra, message in (({"foo": 1}, "unknown option foo in the convert config"),
+                           ({"target_engine": "bogus"}, "target_engine must be one of vllm, llama.cpp, sglang"),
+                           ({"gguf_dtype": "int8"}, "gguf_dtype must be one of"),
+                           ({"verify": 0, "verify_threshold": -1}, "must be a finite relative loss gap"),
+                           ({"verify_data": str(tmp_path / "nope.txt")}, "is not a file")):
+        one_line_error(lambda: convert_from_config({**base, **extra}), message)
+    assert not (tmp_path / "o.nemo").exists()
+    text = tmp_path / "text.txt"
+    text.write_text("Rivers carry sand to the sea. " * 40)
+    summary = convert_from_config({**base, "verify": 0, "verify_data": str(text), "verify_threshold": 0.5})
+    assert summary.verify["status"] == "PASSED"
 
 
 def test_interrupted_run_leaves_nothing_that_looks_complete(dense_dir, tmp_path, monkeypatch):

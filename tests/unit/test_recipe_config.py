@@ -36,6 +36,9 @@ def test_from_dict_accepts_shorthand_and_rejects_unknown_options():
         (dict(expansion=0), "expansion must be a positive integer"),
         (dict(layers=(1, 1)), "layers must be distinct"),
         (dict(scaling_method="sqrt"), "unknown scaling method"),
+        (dict(expansion=8, topk=1, router="topk_then_softmax"), "topk_then_softmax with top-k 1 gives the one"),
+        (dict(aux_loss_coeff=-1.0), "aux_loss_coeff must be >= 0"),
+        (dict(z_loss_coeff=-5.0), "z_loss_coeff must be >= 0"),
     ],
 )
 def test_invalid_recipes_raise_one_line_errors(kwargs, message):
