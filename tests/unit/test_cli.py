@@ -11,7 +11,8 @@ def test_bad_input_is_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nemo_upcycle.cli", "demo", "--dense", str(tmp_path / "x.nemo"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: dense checkpoint")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --dense {tmp_path / 'x.nemo'} does not exist: pass an existing dense checkpoint")
 
 
 def test_every_command_documents_every_option():
@@ -39,3 +40,24 @@ def test_library_errors_name_config_fields_and_the_cli_says_the_flags():
         "no MMLU files in x: pass --data-dir the cais/mmlu folder; or use MMLU with --data-dir"
     assert as_flags("num_fewshot 3 must be >= 0: pass num_fewshot=0, tasks=mmlu, model_config=C.yaml") == \
         "num_fewshot 3 must be >= 0: pass --num-fewshot 0, --tasks mmlu, --model-config C.yaml"
+
+
+def test_train_override_typos_are_one_line_errors(capsys):
+    from nemo_upcycle.cli import main
+
+    for args, message in ((["foo=1"], "error: Could not override 'foo'. To append to your config use +foo=1: fix"),
+                          (["model=nope"], "error: In 'train': Could not find 'model/nope' Available options in "
+                                           "'model': demo_dense, nemotron4_15b, plateau_dense, tiny_cpu: fix"),
+                          (["--config-name", "nope"], "error: Cannot find primary config 'nope'.")):
+        assert main(["train", "--print-config", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and "\n" not in err, err
+
+
+def test_expansion_and_num_experts_must_agree(capsys):
+    from nemo_upcycle.cli import main
+
+    assert main(["convert", "in.nemo", "out.nemo", "--dry-run", "--expansion", "4", "--num-experts", "64",
+                 "--granularity", "8"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --expansion 4 and --num-experts 64 disagree (E = experts / G = 8 at granularity 8): give one of the two")

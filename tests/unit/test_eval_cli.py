@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from nemo_upcycle.cli import build_parser, main
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.eval.runner import EvalOptions
+from nemo_upcycle.eval.runner import EvalOptions, run_eval
 
 ROOT = Path(__file__).parents[2]
 
@@ -61,6 +61,20 @@ def test_missing_data_fails_before_any_model_is_loaded(capsys):
     assert main(["eval", "never_loaded.nemo", "--data-dir", "/no/such/mmlu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: MMLU data /no/such/mmlu does not exist") and "\n" not in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "{flag}foo is not a torch device: pass {flag}cpu, cuda or cuda:<index>"),
+    ("cuda", "{flag}cuda: torch sees 0 CUDA device(s) here (torch.cuda.is_available() is False): pass {flag}cpu"),
+])
+def test_bad_device_fails_before_anything_is_read(monkeypatch, capsys, device, message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    mmlu = str(ROOT / "nemo_upcycle/demo_data/mmlu_sample")
+    assert main(["eval", "never_loaded.nemo", "--data-dir", mmlu, "--device", device]) == 2
+    assert capsys.readouterr().err.strip() == "error: " + message.format(flag="--device ")
+    with pytest.raises(UpcycleError) as err:  # examples/eval.py's Hydra key
+        run_eval(EvalOptions(models=("never_loaded.nemo",), data_dir=mmlu, device=device))
+    assert str(err.value) == message.format(flag="device=")
 
 
 def test_help_does_not_import_lm_eval():
