@@ -291,8 +291,9 @@ def nemotron_hf_config(cfg: GPTConfig) -> dict[str, Any]:
 
 
 def gpt_config_from_nemotron_hf(hf: dict[str, Any]) -> GPTConfig:
-    """GPTConfig from a NemotronForCausalLM config.json (legacy top-level or transformers-5 rope_parameters)."""
-    rope = hf.get("rope_parameters") or {}
+    """GPTConfig from a NemotronForCausalLM config.json (legacy top-level or transformers-5 rope_parameters, with
+    the RoPE scaling transformers applies to it; partial rotary 0.5 unless it says otherwise)."""
+    rope = _rope_from_hf({"partial_rotary_factor": 0.5, **hf}, "nemotron")
     if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
         raise UpcycleError("Nemotron configs with attention_bias != mlp_bias are not supported")
     return GPTConfig(
@@ -308,10 +309,9 @@ def gpt_config_from_nemotron_hf(hf: dict[str, Any]) -> GPTConfig:
         normalization="layernorm1p",
         layernorm_epsilon=hf.get("norm_eps", 1e-5),
         bias=bool(hf.get("mlp_bias", False)),
-        rotary_percentage=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)),
-        rotary_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         init_method_std=hf.get("initializer_range", 0.02),
+        **rope,
     )
 
 

@@ -40,6 +40,22 @@ def test_dense_equals_hugging_face_nemotron(overrides):
     assert parsed.replace(kv_channels=None) == cfg
 
 
+def test_nemotron_rope_scaling_is_read_as_transformers_applies_it():
+    from transformers import NemotronConfig, NemotronForCausalLM
+
+    cfg = small_config(seq_length=64)
+    hf_cfg = {k: v for k, v in nemotron_hf_config(cfg).items() if k not in ("architectures", "model_type")}
+    theirs = NemotronForCausalLM(NemotronConfig(**hf_cfg, rope_scaling={"rope_type": "linear", "factor": 4.0})).eval()
+    parsed = gpt_config_from_nemotron_hf(theirs.config.to_dict())
+    assert (parsed.rope_scaling_type, parsed.rope_scaling_factor, parsed.rotary_percentage) == ("linear", 4.0, 0.5)
+    ours = random_model(parsed)
+    theirs.load_state_dict(state_dict_to_hf(ours.state_dict(), parsed), strict=True)
+    with torch.no_grad():
+        scaled, plain = theirs(TOKENS).logits, random_model(cfg)(TOKENS).logits
+        assert (scaled - ours(TOKENS).logits).abs().max().item() < 1e-4
+        assert (scaled - plain).abs().max().item() > 1e-3  # the scaling is not a no-op on these positions
+
+
 @pytest.mark.parametrize("overrides", [
     dict(),  # Nemotron: layernorm1p, squared ReLU, RoPE 0.5, GQA
     dict(normalization="rmsnorm", activation="swiglu", rotary_percentage=1.0),
