@@ -36,11 +36,14 @@ def main() -> None:
                    help="then restore the model and decay the lr it reached to a tenth of --lr over these steps "
                         "(cosine, a fresh data order): a shorter route to the plateau than the full schedule")
     p.add_argument("--init", type=Path,
-                   help="skip the first phase: start the anneal from this Lightning checkpoint of it (.ckpt)")
+                   help="skip the first phase: start the --anneal-steps anneal from this .nemo of it (the "
+                        "WORKDIR/phase1.nemo an earlier run with --anneal-steps wrote)")
     p.add_argument("--output", type=Path, default=Path("nemo_upcycle/demo_data/dense_nemotron.nemo"))
     p.add_argument("--workdir", type=Path, default=Path("bench_out/pretrain_dense"),
                    help="tokenizer, tokenized corpus and training logs")
     args = p.parse_args()
+    if args.init and not args.anneal_steps:
+        p.error("--init starts the anneal: give --anneal-steps too")
 
     from nemo_upcycle.checkpoint.memory import InMemoryCheckpoint
     from nemo_upcycle.checkpoint.nemo import NemoWriter
@@ -70,20 +73,16 @@ def main() -> None:
     first = load_config(common + [
         "name=dense_pretrain", f"trainer.max_steps={stop}", f"+optim.sched.max_steps={args.steps}",
         f"trainer.val_check_interval={min(200, stop)}", f"optim.lr={args.lr}", "optim.sched.warmup_steps=50"])
-    if args.init:
-        from nemo_upcycle.train.run import build_model
-
-        model = build_model(first)
-        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["state_dict"])
-    else:
+    if not args.init:
         result = train(first)
         print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; val_loss {result.metrics.get('val_loss')}")
         model = result.model
     if args.anneal_steps:
         w = 50  # NeMo's CosineAnnealing after its warmup: the lr the first phase ended at
         reached = args.lr / 10 + 0.9 * args.lr * 0.5 * (1 + math.cos(math.pi * (stop - w) / (args.steps - w)))
-        phase1 = work / "phase1.nemo"
-        model.save_to(str(phase1))
+        phase1 = args.init or work / "phase1.nemo"
+        if not args.init:
+            model.save_to(str(phase1))
         result = train(load_config(common + [
             "name=dense_anneal", f"restore_from={phase1}", f"trainer.max_steps={args.anneal_steps}",
             f"trainer.val_check_interval={args.anneal_steps}", f"optim.lr={reached}", "optim.sched.warmup_steps=1",

@@ -88,14 +88,18 @@ class TarArchive:
 
     def extract_to(self, prefix: str, dest: Path) -> Path:
         """Extract the members under `prefix` (already validated) into dest; returns dest/prefix."""
-        for name, m in self.members.items():
-            if m.isfile() and (name == prefix or name.startswith(prefix.rstrip("/") + "/")):
-                target = dest / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with bad_file(self.path, f"is truncated or corrupt at member '{name}'"), open(target, "wb") as out:
-                    src = self._tar.extractfile(m)
-                    assert src is not None
-                    shutil.copyfileobj(src, out, 16 << 20)
+        chosen = {name: m for name, m in self.members.items()
+                  if m.isfile() and (name == prefix or name.startswith(prefix.rstrip("/") + "/"))}
+        check_free_disk(dest / prefix, sum(m.size for m in chosen.values()),
+                        f"extracting {self.path} (compressed or legacy: it cannot be read in place)",
+                        "set TMPDIR to a folder with room, or extract the .nemo yourself (tar -xf) and pass the folder")
+        for name, m in chosen.items():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with bad_file(self.path, f"is truncated or corrupt at member '{name}'"), open(target, "wb") as out:
+                src = self._tar.extractfile(m)
+                assert src is not None
+                shutil.copyfileobj(src, out, 16 << 20)
         return dest / prefix
 
 
@@ -178,16 +182,18 @@ def check_output_path(path: Path, overwrite: bool, source: Path | str | None = N
                                "replace or change the input; choose an output path outside the input")
 
 
-def check_free_disk(path: Path, need_bytes: int) -> None:
-    """Refuse to start when the output's file system cannot hold `need_bytes` (plus 5% slack)."""
+def check_free_disk(path: Path, need_bytes: int, what: str | None = None,
+                    fix: str = "free space or write elsewhere") -> None:
+    """Refuse to start when the file system `path` will be on cannot hold `need_bytes` (plus 5% slack); `what`
+    names the work in the message (default: writing `path`)."""
     parent = Path(os.path.abspath(path)).parent
     while not parent.exists():  # the folders the output will create: measure where they will be made
         parent = parent.parent
     free = shutil.disk_usage(parent).free
     if need_bytes * 1.05 > free:
         raise UpcycleError(
-            f"not enough free disk for {path}: need {need_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free on "
-            f"{parent.resolve()}: free space or write elsewhere"
+            f"not enough free disk for {what or path}: need {need_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free on "
+            f"{parent.resolve()}: {fix}"
         )
 
 

@@ -250,6 +250,20 @@ def test_failed_extracting_read_leaves_no_temp_copy(copy, tmp_path, private_tmp,
     assert list(private_tmp.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", ["nemo_gzip", "nemo_legacy_tp2"])
+def test_extraction_checks_the_temporary_folder_has_room(copy, tmp_path, private_tmp, monkeypatch, kind):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100)
+                        if Path(path).is_relative_to(private_tmp) else real(path))
+    source = copy(kind)
+    line = convert_error(source, tmp_path / "o.nemo")
+    assert line.startswith(f"error: not enough free disk for extracting {source} (compressed or legacy: it cannot "
+                           "be read in place): need ")
+    assert line.endswith(": set TMPDIR to a folder with room, or extract the .nemo yourself (tar -xf) and pass "
+                         "the folder")
+    assert list(private_tmp.iterdir()) == []
+
+
 def _legacy_pp2_with_output_copy(directory: Path, change: float) -> Path:
     """A legacy PP=2 .nemo with tied embeddings whose last stage also saves output_layer.weight, as Megatron's does
     (a post_process stage without pre_process keeps a synced copy of the embedding): that copy plus `change`."""
