@@ -260,6 +260,8 @@ def check_options(read: ReadOptions, write: WriteOptions, verify: VerifyOptions 
         raise UpcycleError(f"verify_threshold={t!r} must be a finite relative loss gap >= 0, e.g. 0.001 (0.1%)")
     if write.hf_arch is not None and write.hf_arch not in HF_ARCHS:
         raise UpcycleError(f"hf_arch must be one of {', '.join(HF_ARCHS)}, got {write.hf_arch!r}")
+    if write.hf_arch is not None and write.format != "hf":
+        raise UpcycleError(f"hf_arch={write.hf_arch} applies to output_format=hf only, not {write.format}: drop it")
     if write.target_engine is not None and write.target_engine not in ENGINES:
         raise UpcycleError(f"target_engine must be one of {', '.join(ENGINES)}, got {write.target_engine!r}")
     size = write.max_shard_size

@@ -29,7 +29,8 @@ COMMANDS = {
 # given a value, and the names in BARE also alone (other fields' bare names are words of other messages).
 FLAGS = {"output_format": "--format", "hf_arch": "--hf-arch", "target_engine": "--target-engine",
          "model_config": "--model-config", "tasks": "--tasks", "data_dir": "--data-dir", "num_fewshot": "--num-fewshot",
-         "verify_data": "--verify-data", "verify_threshold": "--verify-threshold", "device": "--device"}
+         "verify_data": "--verify-data", "verify_threshold": "--verify-threshold", "device": "--device",
+         "router_init": "--router-init"}
 BARE = ("hf_arch", "target_engine", "data_dir")
 _FIELD = re.compile(r"\b(?:(" + "|".join(FLAGS) + r")=|(" + "|".join(BARE) + r")\b)")
 

@@ -17,6 +17,7 @@ import torch
 
 from nemo_upcycle.checkpoint import (
     INPUT_FORMATS, OUTPUT_FORMATS, ReadOptions, WriteOptions, make_writer, open_checkpoint)
+from nemo_upcycle.checkpoint.archive import check_output_path
 from nemo_upcycle.checkpoint.hf_export import HF_ARCHS
 from nemo_upcycle.checkpoint.hf_keys import ENGINES
 from nemo_upcycle.convert import (
@@ -56,7 +57,7 @@ def recipe_from_args(args: argparse.Namespace) -> UpcycleConfig | None:
             raise UpcycleError(f"--expansion {args.expansion} and --num-experts {args.num_experts} disagree (E = "
                                f"experts / G = {args.num_experts // g} at granularity {g}): give one of the two")
         values["expansion"] = args.num_experts // g
-    if args.layers:
+    if args.layers is not None:
         values["layers"] = _layer_list(args.layers)
     if args.weight_scaling is not None:
         ws = args.weight_scaling
@@ -160,10 +161,13 @@ def run(args: argparse.Namespace) -> int:
     verify = None if args.verify is None else VerifyOptions(args.verify, threshold=args.verify_threshold)
     read = ReadOptions(args.input_format, gguf_dtype=getattr(torch, args.gguf_dtype))
     check_options(read, write, verify)  # a bad option is named before the model config file is read
+    if args.max_shard_size is not None and write.format != "hf":
+        raise UpcycleError(f"--max-shard-size applies to --format hf only, not {write.format}: drop it")
     text = read_verify_text(args.verify_data)  # a wrong path is named even without --verify
     verify = None if verify is None else replace(verify, text=text)
     read = replace(read, model_config=load_model_config(args.model_config))
     if args.dry_run:
+        check_output_path(Path(args.output), write.overwrite, args.input)  # what the real run would refuse
         with open_checkpoint(args.input, read) as reader:
             plan = plan_conversion(reader, recipe, str(args.input))
             make_writer(args.output, write).check(plan.moe)

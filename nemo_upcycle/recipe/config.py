@@ -108,7 +108,7 @@ class UpcycleConfig:
                                "random groups can tie and split a copy; use calibrated")
         if self.router_init_std is not None and self.router_init in ("calibrated", "balanced"):
             raise UpcycleError("router_init_std sets the std of virtual_group or random router rows, not of the "
-                               "calibrated init: add router_init=virtual_group (--router-init virtual_group)")
+                               "calibrated init: add router_init=virtual_group")
         if self.router_init_std is not None and self.router_init_std <= 0:
             raise UpcycleError(f"router_init_std must be positive, got {self.router_init_std}")
         if self.topk_scaling_factor is not None and self.topk_scaling_factor <= 0:

@@ -266,7 +266,7 @@ def test_cli_dry_run_writes_nothing_and_errors_are_one_line(dense_dir, tmp_path,
     assert main(["convert", str(dense_dir), str(out), "--recipe", "E4G4T6"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: top-k 6 must be a multiple of granularity 4 for virtual-group routing: pick topk "
-                   "in multiples of G, or router_init=random")
+                   "in multiples of G, or --router-init random")
     assert main(["convert", str(dense_dir), str(out), "--granularity", "2", "--topk", "2", "--num-experts", "8",
                  "--router", "sigmoid", "--verify", "--quiet"]) == 0
     assert "PASSED" in capsys.readouterr().out

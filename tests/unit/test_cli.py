@@ -61,3 +61,22 @@ def test_expansion_and_num_experts_must_agree(capsys):
                  "--granularity", "8"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: --expansion 4 and --num-experts 64 disagree (E = experts / G = 8 at granularity 8): give one of the two")
+
+
+def test_convert_options_that_would_be_ignored_or_refused_later_are_refused_first(tmp_path, capsys):
+    from nemo_upcycle.cli import main
+
+    existing = tmp_path / "out.nemo"
+    existing.write_text("precious")
+    for args, message in (
+            (["--dry-run", "--layers", ""], "error: --layers must be comma-separated 0-based layer indices"),
+            (["--max-shard-size", "2GB"], "error: --max-shard-size applies to --format hf only, not nemo: drop it"),
+            (["--hf-arch", "mixtral"], "error: --hf-arch mixtral applies to --format hf only, not nemo: drop it"),
+            (["--recipe", "E4G4T2", "--router-init", "calibrated"],
+             "error: top-k 2 must be a multiple of granularity 4 for virtual-group routing: pick topk in multiples "
+             "of G, or --router-init random")):
+        assert main(["convert", str(tmp_path / "in.nemo"), str(tmp_path / "o.nemo"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message), err
+    assert main(["convert", str(tmp_path / "in.nemo"), str(existing), "--dry-run"]) == 2  # as a real run would
+    assert capsys.readouterr().err.strip() == f"error: {existing} already exists: choose another output path or pass --overwrite"
