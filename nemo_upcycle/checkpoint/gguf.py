@@ -26,7 +26,7 @@ import torch
 from nemo_upcycle.checkpoint import hf_keys as hf_names
 from nemo_upcycle.checkpoint.base import CheckpointReader, ReadOptions, TensorInfo, model_order
 from nemo_upcycle.data.tokenizers import TokenizerSpec
-from nemo_upcycle.errors import UpcycleError, bad_file
+from nemo_upcycle.errors import UpcycleError, bad_file, reason
 from nemo_upcycle.models.keys import layer_index
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -230,10 +230,21 @@ class GGUFReader(CheckpointReader):
 
         try:
             tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except (ValueError, KeyError, OSError):
+        except (ValueError, KeyError, OSError):  # no tokenizer in the metadata
             return None, {}
-        self._tokenizer_dir = Path(tempfile.mkdtemp(prefix="nemo-upcycle-gguf-tok-"))
-        tok.save_pretrained(str(self._tokenizer_dir))
+        except Exception as err:  # noqa: BLE001 - malformed tokenizer metadata fails deep inside transformers
+            raise UpcycleError(f"{self.path} has tokenizer metadata transformers cannot read ({type(err).__name__}: "
+                               f"{reason(err)}): re-export the GGUF file") from None
+        folder = Path(tempfile.mkdtemp(prefix="nemo-upcycle-gguf-tok-"))
+        try:
+            tok.save_pretrained(str(folder))
+        except BaseException as err:
+            shutil.rmtree(folder, ignore_errors=True)  # close() is never reached when the reader fails to open
+            if not isinstance(err, Exception):
+                raise
+            raise UpcycleError(f"cannot save the tokenizer of {self.path} to {folder.parent} ({type(err).__name__}: "
+                               f"{reason(err)}): free space there, or set TMPDIR") from None
+        self._tokenizer_dir = folder
         from nemo_upcycle.checkpoint.hf import CARRIED_FILES, packed_hf_tokenizer
 
         files = {n: self._tokenizer_dir / n for n in CARRIED_FILES if (self._tokenizer_dir / n).is_file()}

@@ -162,3 +162,31 @@ def test_smollm2_upcycles_and_verify_passes_on_real_text(tmp_path):
     text = "The capital of France is Paris."
     want = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)(text, add_special_tokens=False)["input_ids"]
     assert load_tokenizer_of(tmp_path / "moe.nemo").encode(text) == want
+
+
+def test_a_failed_tokenizer_save_leaves_no_temporary_folder(dense_llama, tmp_path, monkeypatch):
+    """The reader saves transformers' GGUF tokenizer to a temporary folder while it is open; when that save fails
+    (a full disk), the reader never opens, so it must remove the folder itself."""
+    import tempfile
+
+    from transformers import PreTrainedTokenizerBase
+
+    def with_tokenizer(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["a", "b", "c"])
+        w.add_token_scores([0.0, 0.0, 0.0])
+        w.add_token_types([1, 1, 1])
+
+    path = write_gguf(tmp_path / "tok.gguf", dense_llama, edit=with_tokenizer)
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+
+    def disk_full(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    with pytest.raises(UpcycleError, match=f"cannot save the tokenizer of {path} to {private} "
+                                           r"\(OSError: \[Errno 28\] No space left on device\): free space there"):
+        open_checkpoint(path)
+    assert list(private.iterdir()) == []
