@@ -289,8 +289,8 @@ def read_verify_text(path: Path | str | None) -> str | None:
     """The text a verification measures on (None: the bundled sample)."""
     if path is None:
         return None
-    if not Path(path).is_file():
-        raise UpcycleError(f"verify_data={path} is not a file: pass a UTF-8 text file")
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        raise UpcycleError(f"verify_data={path!r} is not a file: pass a UTF-8 text file")
     return Path(path).read_text(encoding="utf-8", errors="replace")
 
 
