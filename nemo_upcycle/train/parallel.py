@@ -185,6 +185,7 @@ class MegatronEngine:
             optimizer="sgd" if name == "sgd" else "adam", decoupled_weight_decay=name == "adamw",
             lr=float(optim["lr"]), weight_decay=weight_decay,
             adam_beta1=float(betas[0]), adam_beta2=float(betas[1]), adam_eps=float(optim.get("eps", 1e-8)),
+            sgd_momentum=0.0,  # Megatron's default is 0.9; NeMo's and torch's 0, and momentum > 0 is refused above
             clip_grad=float(self.clip_grad or 0.0),
             use_distributed_optimizer=self.layout.use_distributed_optimizer, bf16=self.config.bf16,
             fp16=self.config.fp16, params_dtype=self.config.params_dtype)

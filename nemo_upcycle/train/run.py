@@ -113,6 +113,22 @@ def _parallel_set_up(cfg: DictConfig, trainer_args: dict[str, Any]) -> int:
     return world // layout.model_parallel
 
 
+def check_numbers(cfg: DictConfig) -> None:
+    """Refuse sizes and rates that would fail deep inside torch, Lightning or NeMo's scheduler (or, for a negative
+    expert_lr_mult, train the experts up the loss) before anything is built."""
+    for key in ("micro_batch_size", "global_batch_size"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise UpcycleError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    lr, mult = cfg.optim.get("lr"), cfg.get("expert_lr_mult", 1.0)
+    for key, value in (("optim.lr", lr), ("expert_lr_mult", mult)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise UpcycleError(f"{key} must be a positive number, got {value!r}")
+    min_lr = (cfg.optim.get("sched") or {}).get("min_lr")
+    if isinstance(min_lr, (int, float)) and min(lr, lr * mult) < min_lr:  # NeMo's schedule raises after warmup
+        raise UpcycleError(f"optim.lr {lr:g} (x expert_lr_mult {mult:g} for the experts) is below "
+                           f"optim.sched.min_lr {min_lr:g}: raise the lr or lower min_lr")
+
+
 def train(cfg: DictConfig) -> TrainResult:
     import lightning.pytorch as pl
     from nemo.utils.exp_manager import exp_manager
@@ -120,6 +136,7 @@ def train(cfg: DictConfig) -> TrainResult:
     from nemo_upcycle.train.callbacks import ExpertLoadMonitor, LossHistory
     from nemo_upcycle.train.parallel import MegatronParallelStrategy
 
+    check_numbers(cfg)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     data_parallel = _parallel_set_up(cfg, trainer_args)
     if cfg.global_batch_size % (cfg.micro_batch_size * data_parallel):

@@ -80,3 +80,16 @@ def test_convert_options_that_would_be_ignored_or_refused_later_are_refused_firs
         assert err.startswith(message), err
     assert main(["convert", str(tmp_path / "in.nemo"), str(existing), "--dry-run"]) == 2  # as a real run would
     assert capsys.readouterr().err.strip() == f"error: {existing} already exists: choose another output path or pass --overwrite"
+
+
+def test_train_numbers_that_would_fail_deep_inside_are_refused_first(capsys):
+    from nemo_upcycle.cli import main
+
+    for override, message in (("micro_batch_size=0", "micro_batch_size must be a positive integer, got 0"),
+                              ("optim.lr=-1e-4", "optim.lr must be a positive number, got -0.0001"),
+                              ("expert_lr_mult=-1", "expert_lr_mult must be a positive number, got -1"),
+                              ("expert_lr_mult=0.01", "(x expert_lr_mult 0.01 for the experts) is below "
+                                                      "optim.sched.min_lr")):
+        assert main(["train", override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
