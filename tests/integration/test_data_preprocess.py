@@ -204,7 +204,11 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
         (["--input", str(good), "--json-keys", "body"], f"{good}:1: no key 'body' (keys: 'text')"),
         ([], "nothing to preprocess; pass --input"),
         (["--input", str(good), "--workers", "0"], "--workers 0 must be 1 or more"),
+        (["--input", str(good), "--json-keys", "text", "text"], "--json-keys text text repeats a key"),
     ]
+    (tmp_path / "afile").write_text("")
+    assert "is under a file, not a folder" in run_cli_error(capsys, "--input", str(good), "--tokenizer", "byte",
+                                                              "--output-prefix", str(tmp_path / "afile" / "x"))
     for argv, fragment in cases:
         assert fragment in run_cli_error(capsys, *argv, *out)
     assert not list(tmp_path.glob("o_*"))  # no output and no temporary files left by failures

@@ -228,6 +228,8 @@ def copy_fixture(tmp_path: Path) -> Path:
     (lambda root: [(root / "data" / split / f"cooking_{split}.csv").write_text("q,a,b,c,d,A\n") for split in SPLITS],
      "subject\\(s\\) cooking that lm-eval's MMLU task does not know"),
     (lambda root: (root / "data/test/marketing_test.csv").write_text("q,a,b,c,d,E\n"), "marketing_test.csv row 1"),
+    (lambda root: (root / "data/test/marketing_test.csv").write_text("q,a,b,c,d,\n"), "marketing_test.csv row 1"),
+    (lambda root: (root / "data/test/marketing_test.csv").write_text("q,a,b,c,d,AB\n"), "marketing_test.csv row 1"),
     (lambda root: [p.unlink() for p in root.rglob("*.csv")], "no MMLU files"),
 ])
 def test_damaged_data_is_a_one_line_error(tmp_path, damage, message):
@@ -246,6 +248,11 @@ def test_damaged_data_is_a_one_line_error(tmp_path, damage, message):
 def test_missing_data_is_a_one_line_error(tasks, data_dir, message):
     with pytest.raises(UpcycleError, match=message):
         evaluate_models({}, tasks, data_dir=data_dir)
+
+
+def test_more_shots_than_dev_questions_is_a_one_line_error():
+    with pytest.raises(UpcycleError, match="num_fewshot=6 is more than the 5 dev questions of the smallest subject"):
+        evaluate_models({}, ["mmlu"], data_dir=HENDRYCKS, num_fewshot=6)
 
 
 def test_unknown_task_is_a_one_line_error():
