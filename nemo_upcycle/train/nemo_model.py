@@ -277,8 +277,9 @@ class MegatronUpcycledGPTModel(ModelPT):
         micro_batch_size = int(self.cfg.micro_batch_size)
         loss = self.engine.run(batch, micro_batch_size, forward_only=False)
         self.optimizers().step()
-        if self.lr_schedulers() is not None:  # optim without sched: a constant lr
-            self.lr_schedulers().step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:  # optim without sched: a constant lr
+            scheduler.step()
         aux, z = self.backend.router_losses(num_microbatches=batch["tokens"].shape[0] // micro_batch_size)
         self._log_step(loss, aux, z, batch["tokens"], self.backend.tokens_per_expert())
         if self.engine.optimizer.last_grad_norm is not None:
