@@ -209,7 +209,8 @@ def sweep_records(sources: list[Path]) -> dict:
 
 def merge_records(folders: list[Path]) -> tuple[dict[str, list[dict]], dict]:
     """The runs of several results folders (arms split over processes) as one results table's runs, in ARMS order,
-    and the first folder's meta. The first run of an arm and seed wins. Folders must share the dense model, run
+    and the first folder's meta. A later folder's run of an arm and seed replaces an earlier one's (as --sweep's
+    sources do), so a rerun is merged after the table it corrects. Folders must share the dense model, run
     length, batch, held-out set, peak lr and overrides, or the table would compare runs that differ in more than
     the arm."""
     merged: dict[str, list[dict]] = {}
@@ -229,8 +230,9 @@ def merge_records(folders: list[Path]) -> tuple[dict[str, list[dict]], dict]:
                              "--val-batches/--moe-overrides")
         shape = got
         for name, runs in source["runs"].items():
-            have = {r["seed"] for r in merged.setdefault(name, [])}
-            merged[name] += [r for r in runs if r["seed"] not in have]
+            rerun = {r["seed"] for r in runs}
+            merged[name] = sorted([r for r in merged.get(name, []) if r["seed"] not in rerun] + runs,
+                                  key=lambda r: r["seed"])
     return {a: merged[a] for a in ARMS if a in merged}, meta
 
 
@@ -293,7 +295,7 @@ def main() -> None:
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="only write the table (in --out) of the runs in these folders' results.json: arms split over "
                         "several processes with the same --dense/--steps/--batch/--lr/--val-batches/--moe-overrides "
-                        "(a folder of another setting is refused); the first run of an arm and seed wins")
+                        "(a folder of another setting is refused); a later folder's run of an arm and seed replaces an earlier one's")
     p.add_argument("--sweep", type=Path, nargs="+", metavar="SRC",
                    help="only write a learning-rate sweep (lr_sweep.md, lr_sweep.json in --out) from results folders "
                         "of runs at several --lr and sweep .json files, e.g. "

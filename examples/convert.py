@@ -11,6 +11,7 @@ import sys
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_upcycle.cli import sigterm_unwinds
 from nemo_upcycle.convert import convert_from_config
 from nemo_upcycle.errors import UpcycleError
 
@@ -18,7 +19,8 @@ from nemo_upcycle.errors import UpcycleError
 @hydra_runner(config_path="../conf", config_name="upcycle")
 def main(cfg: DictConfig) -> None:
     try:
-        summary = convert_from_config(OmegaConf.to_container(cfg, resolve=True))
+        with sigterm_unwinds():
+            summary = convert_from_config(OmegaConf.to_container(cfg, resolve=True))
     except UpcycleError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -10,6 +10,7 @@ import sys
 from nemo.core.config import hydra_runner
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_upcycle.cli import sigterm_unwinds
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.eval.runner import EvalOptions, run_eval
 
@@ -17,7 +18,8 @@ from nemo_upcycle.eval.runner import EvalOptions, run_eval
 @hydra_runner(config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
-        print(run_eval(EvalOptions.from_dict(OmegaConf.to_container(cfg, resolve=True))))
+        with sigterm_unwinds():
+            print(run_eval(EvalOptions.from_dict(OmegaConf.to_container(cfg, resolve=True))))
     except UpcycleError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

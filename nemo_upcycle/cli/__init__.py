@@ -1,15 +1,21 @@
 """`nemo-upcycle <command>`: all argument parsing, one module per command (cli/<command>.py: its --help text,
 add_arguments and run), which calls the library to do the work.
 
-Bad input (`UpcycleError`) is printed as one line, `error: ...`, with exit status 2 and no traceback.
+Bad input (`UpcycleError`) is printed as one line, `error: ...`, with exit status 2 and no traceback. Ctrl-C and
+SIGTERM (a scheduler's kill, `timeout`) unwind the same way, so temporary outputs are removed, not left behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from nemo_upcycle import __version__
 from nemo_upcycle.errors import UpcycleError
@@ -55,10 +61,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block SIGTERM (a scheduler's kill, `timeout`) ends this process through SystemExit(143), as
+    Ctrl-C does through KeyboardInterrupt, so `finally` blocks remove temporary outputs; forked workers (the
+    tokenizer pool, data loaders) inherit the handler and still end as SIGTERM would."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    pid = os.getpid()
+
+    def on_sigterm(signum: int, frame) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        print("terminated", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        with sigterm_unwinds():
+            return int(args._run(args) or 0)
     except UpcycleError as err:
         print(f"error: {as_flags(str(err))}", file=sys.stderr)
         return 2

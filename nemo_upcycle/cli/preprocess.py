@@ -40,10 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "plain text inputs only have text")
     parser.add_argument("--glob", nargs="+", default=list(DEFAULT_GLOBS), metavar="PATTERN",
                         help=f"file name patterns read from input folders, recursively (default: "
-                             f"{' '.join(DEFAULT_GLOBS)})")
+                             f"{' '.join(DEFAULT_GLOBS)}; the option replaces them, so list them to keep them)")
     parser.add_argument("--exclude-dir", nargs="+", default=list(DEFAULT_EXCLUDED_DIRS), metavar="NAME",
                         help=f"folder names skipped inside input folders (default: {' '.join(DEFAULT_EXCLUDED_DIRS)}, "
-                             f"so --stdlib is the standard library without installed packages)")
+                             f"so --stdlib is the standard library without installed packages; the option "
+                             f"replaces them, so list them to keep them)")
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with the tokenizer's end-of-document token, so training sees "
                              "where documents meet (default: on)")

@@ -249,7 +249,8 @@ def _write(results: Iterator[Encoded], prefixes: list[str], dtype: type[np.integ
             raise UpcycleError("the inputs hold no text to tokenize; check --input, --glob and --json-keys")
         for prefix, builder in builders.items():
             builder.finalize(tmp[prefix][1])
-        for prefix in prefixes:  # .idx last: a dataset exists once both files are there
+        for prefix in prefixes:  # a dataset exists once both files are there: an old .idx goes first, the new last,
+            Path(prefix + ".idx").unlink(missing_ok=True)  # so no moment pairs the new .bin with the old .idx
             os.replace(tmp[prefix][0], prefix + ".bin")
             os.replace(tmp[prefix][1], prefix + ".idx")
         finished = True

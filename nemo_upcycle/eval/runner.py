@@ -52,6 +52,7 @@ class EvalOptions:
     output_dir: str = "eval_out"
     device: str = "cpu"
     log_samples: bool = False  # also write every prompt and response (samples_<task>.jsonl)
+    overwrite: bool = False  # replace an existing output_dir (otherwise refused before any model is loaded)
 
     def __post_init__(self) -> None:
         for name in ("models", "tasks"):  # lists from argparse or Hydra become tuples
@@ -112,10 +113,16 @@ def check_device(device: str) -> None:
 
 
 def run_eval(options: EvalOptions) -> str:
-    """Evaluate each checkpoint, write lm-eval's JSON per model and results.md; return the markdown table."""
+    """Evaluate each checkpoint, write lm-eval's JSON per model and results.md into a temporary folder renamed to
+    output_dir at the end; return the markdown table. An existing output_dir is refused before any model is
+    loaded unless `overwrite`, and so is one that is, holds or lies inside a model being evaluated."""
+    from nemo_upcycle.checkpoint.archive import atomic_output, check_output_path
     from nemo_upcycle.eval.results import results_table, write_results
 
     check_device(options.device)
+    output_dir = Path(options.output_dir)
+    for path in options.models:
+        check_output_path(output_dir, options.overwrite, path)
 
     def load(path: str) -> ModelAndTokenizer:
         from nemo_upcycle.checkpoint import load_model
@@ -130,7 +137,8 @@ def run_eval(options: EvalOptions) -> str:
                               sample=options.sample, sample_seed=options.sample_seed,
                               add_bos_token=options.add_bos_token, batch_size=options.batch_size,
                               log_samples=options.log_samples)
-    write_results(results, Path(options.output_dir))
+    with atomic_output(output_dir, options.overwrite) as out:
+        write_results(results, out)
     return results_table(results)
 
 

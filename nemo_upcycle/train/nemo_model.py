@@ -319,7 +319,9 @@ class MegatronUpcycledGPTModel(ModelPT):
         """Megatron's optimizer (with NeMo's LR schedule) under the engine; NeMo's optimizer otherwise."""
         if not self.uses_engine:
             self._check_tied_groups()
-            return super().configure_optimizers()
+            optimizers = super().configure_optimizers()
+            self._apply_lr_mults()
+            return optimizers
         for key, off in TORCH_ONLY_OPTIONS.items():
             if self.cfg.get(key, off) != off:
                 raise UpcycleError(f"{key} is applied by the torch backend only: use backend=torch, or {key}={off} "
@@ -334,6 +336,20 @@ class MegatronUpcycledGPTModel(ModelPT):
         sched.setdefault("max_steps", self.trainer.max_steps)
         scheduler = prepare_lr_scheduler(optimizer=optimizer, scheduler_config=sched, train_dataloader=self._train_dl)
         return [optimizer], [scheduler]
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        super().lr_scheduler_step(scheduler, metric)
+        self._apply_lr_mults()
+
+    def _apply_lr_mults(self) -> None:
+        """A param group's `lr_mult` (Megatron's name) scales the lr the schedule gives the base groups, at every
+        step: the ratio holds through warmup and decay down to min_lr x lr_mult, where NeMo's schedules would
+        anneal every group to the one absolute min_lr."""
+        groups = self._optimizer.param_groups
+        base = next(g["lr"] for g in groups if "lr_mult" not in g)
+        for group in groups:
+            if "lr_mult" in group:
+                group["lr"] = base * group["lr_mult"]
 
     def _routers(self) -> list:
         from nemo_upcycle.models.reference import Router
@@ -364,7 +380,8 @@ class MegatronUpcycledGPTModel(ModelPT):
 
     def setup_optimizer_param_groups(self) -> None:
         """No weight decay on norms and biases (Megatron's default). With `expert_lr_mult` m != 1 the routed
-        experts' weight matrices get their own group at lr * m and weight decay / m (the same decay per step):
+        experts' weight matrices get their own group at lr * m all run (`lr_mult`, see _apply_lr_mults) and weight
+        decay / m (the same decay per step):
         weight scaling multiplies them by f, so Adam's fixed-size steps change them f times less, relatively, than
         the dense weights they were copied from; m = f restores the dense model's relative step size."""
         mult = float(self.cfg.get("expert_lr_mult", 1.0))
@@ -377,8 +394,8 @@ class MegatronUpcycledGPTModel(ModelPT):
                     (experts if mult != 1.0 and ".experts." in name else decay).append(p)
         self._optimizer_param_groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         if experts:
-            lr, wd = float(self.cfg.optim.lr), float(self.cfg.optim.get("weight_decay", 0.0))
-            self._optimizer_param_groups.append({"params": experts, "lr": lr * mult, "weight_decay": wd / mult})
+            wd = float(self.cfg.optim.get("weight_decay", 0.0))
+            self._optimizer_param_groups.append({"params": experts, "lr_mult": mult, "weight_decay": wd / mult})
 
     # ---- data ----------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -397,7 +414,8 @@ class MegatronUpcycledGPTModel(ModelPT):
             if trainer is None or trainer.max_steps <= 0:
                 raise UpcycleError("training data needs a Trainer with max_steps set (trainer.max_steps=...)")
             val_batches = trainer.limit_val_batches if isinstance(trainer.limit_val_batches, int) else 10
-            interval = trainer.val_check_interval if isinstance(trainer.val_check_interval, int) else trainer.max_steps
+            interval = (trainer.val_check_interval // trainer.accumulate_grad_batches  # in optimizer steps
+                        if isinstance(trainer.val_check_interval, int) else trainer.max_steps)
             validations = trainer.max_steps // max(interval, 1) + 1
             self._splits = build_gpt_datasets(
                 list(data_cfg.data_prefix), self.tokenizer, self.gpt_config.seq_length,

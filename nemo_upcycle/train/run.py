@@ -124,9 +124,8 @@ def check_numbers(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise UpcycleError(f"{key} must be a positive number, got {value!r}")
     min_lr = (cfg.optim.get("sched") or {}).get("min_lr")
-    if isinstance(min_lr, (int, float)) and min(lr, lr * mult) < min_lr:  # NeMo's schedule raises after warmup
-        raise UpcycleError(f"optim.lr {lr:g} (x expert_lr_mult {mult:g} for the experts) is below "
-                           f"optim.sched.min_lr {min_lr:g}: raise the lr or lower min_lr")
+    if isinstance(min_lr, (int, float)) and lr < min_lr:  # NeMo's schedule raises after warmup
+        raise UpcycleError(f"optim.lr {lr:g} is below optim.sched.min_lr {min_lr:g}: raise the lr or lower min_lr")
 
 
 def train(cfg: DictConfig) -> TrainResult:
@@ -147,6 +146,8 @@ def train(cfg: DictConfig) -> TrainResult:
     engine = isinstance(trainer_args.get("strategy"), MegatronParallelStrategy)
     # The engine runs a global batch's micro-batches itself; Lightning accumulates them for the torch backend.
     accumulate = 1 if engine else cfg.global_batch_size // (cfg.micro_batch_size * data_parallel)
+    if isinstance(trainer_args.get("val_check_interval"), int):  # optimizer steps on either backend, as in NeMo;
+        trainer_args["val_check_interval"] *= accumulate        # Lightning counts the micro-batches it accumulates
     trainer = pl.Trainer(**trainer_args, callbacks=[monitor, history], accumulate_grad_batches=accumulate)
     if engine:
         trainer.strategy.setup_environment()  # parallel_state must exist before the Megatron model is built

@@ -22,6 +22,8 @@ from nemo_upcycle.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
 from nemo_upcycle.errors import UpcycleError
 from tests.unit.test_data_tokenizers import ARTIFACT, assert_one_line_error, train_stdlib_sentencepiece
 
+TOK = ByteTokenizer()
+
 
 def read_back(prefix: str) -> list[np.ndarray]:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -215,6 +217,50 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     assert main(["preprocess", "--input", str(good), *out]) == 0
     assert "pass --overwrite" in run_cli_error(capsys, "--input", str(good), *out)
     assert main(["preprocess", "--input", str(good), "--overwrite", *out]) == 0
+
+
+def test_overwrite_never_pairs_a_new_bin_with_the_old_idx(tmp_path, monkeypatch):
+    """A crash between the two renames of an overwrite leaves no dataset (the old .idx is gone), not the new
+    tokens read through the old index."""
+    import os
+
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("one document\n")
+    second.write_text("another, longer document\n" * 3)
+    preprocess([first], tmp_path / "o", TOK, progress=False)
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("disk went away")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("nemo_upcycle.data.preprocess.os.replace", crash_on_second)
+    with pytest.raises(OSError, match="disk went away"):
+        preprocess([second], tmp_path / "o", TOK, overwrite=True, progress=False)
+    assert [Path(p).suffix for p in calls] == [".bin", ".idx"]
+    assert not (tmp_path / "o_text_document.idx").exists() and not list(tmp_path.glob("*tmp*"))
+
+
+def test_sigterm_removes_the_temporary_files(tmp_path):
+    """A scheduler's kill mid-run: the command unwinds as on Ctrl-C, exits 143, and leaves no files."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prefix = tmp_path / "out" / "stdlib"
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_upcycle.cli", "preprocess", "--stdlib", "--tokenizer", "byte",
+                             "--workers", "2", "--output-prefix", str(prefix)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size for p in (tmp_path / "out").glob("*tmp*.bin")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "preprocess never started writing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and err.strip().endswith("terminated") and "Traceback" not in err, err[-2000:]
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_help_explains_every_option():

@@ -269,9 +269,27 @@ def test_expert_lr_mult_scales_the_experts_step_and_nothing_else(workdir):
         want = 3.0 * moved[1.0][k] if k in experts else moved[1.0][k]
         assert torch.allclose(moved[3.0][k], want, rtol=1e-3, atol=1e-9), k
     assert all(moved[1.0][k].abs().max() > 0 for k in experts)
+    # Through the whole cosine decay, not only at the peak: the experts end at min_lr x m, the rest at min_lr.
+    decayed = train(run_config(workdir, f"restore_from={workdir / 'moe.nemo'}", "name=lr_mult_decay",
+                               "backend=torch", "expert_lr_mult=3.0", "optim.lr=1e-3", "optim.sched.min_lr=1e-4",
+                               "optim.sched.warmup_steps=1", "trainer.max_steps=4", "trainer.val_check_interval=4"))
+    lrs = sorted(g["lr"] for g in decayed.model._optimizer.param_groups)
+    assert lrs == pytest.approx([1e-4, 1e-4, 3e-4])
     with pytest.raises(UpcycleError, match="expert_lr_mult is applied by the torch backend only"):
         train(run_config(workdir, f"restore_from={workdir / 'moe.nemo'}", "name=lr_mult_engine", "backend=megatron",
                          "expert_lr_mult=2.0", "trainer.max_steps=1"))
+
+
+def test_val_check_interval_counts_optimizer_steps_with_accumulation(workdir, monkeypatch):
+    """micro 2, global 4: the torch backend accumulates 2 micro-batches per step, and validation every 2 steps
+    of 4 runs twice (as on the engine and in NeMo), not every 2 micro-batches (4 times)."""
+    validations = []
+    original = MegatronUpcycledGPTModel.on_validation_epoch_end
+    monkeypatch.setattr(MegatronUpcycledGPTModel, "on_validation_epoch_end",
+                        lambda self: (validations.append(self.trainer.global_step), original(self))[1])
+    train(run_config(workdir, f"restore_from={workdir / 'moe.nemo'}", "name=val_interval", "backend=torch",
+                     "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"))
+    assert validations == [2, 4]
 
 
 def test_tie_virtual_groups_keeps_whole_groups_while_the_router_learns(workdir):

@@ -103,3 +103,16 @@ def test_eval_of_converted_checkpoints_end_to_end(megatron, tmp_path, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[-1] == cells[-2]  # topK-then-softmax upcycling keeps every answer, so the same accuracy
     assert (out / "results.md").is_file() and len(list(out.glob("*/results.json"))) == 2
+
+    # A second run into the same folder is refused before any model is loaded; with --overwrite it replaces the
+    # folder whole (the old second model's results go); a folder holding a model being evaluated is never replaced.
+    mmlu = str(ROOT / "nemo_upcycle/demo_data/mmlu_sample")
+    assert main(["eval", "never_loaded.nemo", "--data-dir", mmlu, "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {out} already exists: choose another output path or pass --overwrite"
+    assert main(["eval", str(src), "--data-dir", mmlu, "--limit", "1", "--num-fewshot", "0", "--output-dir", str(out),
+                 "--overwrite"]) == 0
+    capsys.readouterr()
+    assert len(list(out.glob("*/results.json"))) == 1 and sorted(p.name for p in tmp_path.iterdir() if
+                                                                  p.name.startswith(".eval_out")) == []
+    assert main(["eval", str(src), "--data-dir", mmlu, "--output-dir", str(tmp_path), "--overwrite"]) == 2
+    assert "is, holds or lies inside the input" in capsys.readouterr().err and src.is_file()

@@ -81,12 +81,12 @@ def test_sweep_names_a_source_that_is_neither_folder_nor_file(bench, tmp_path):
             bench.sweep_records([bad])
 
 
-def test_merge_joins_arms_of_one_setting_and_keeps_the_first_run_of_a_seed(bench, tmp_path):
-    a = run_folder(tmp_path / "a", 3e-3, {"E8G8T8": {0: 1.4}, "dense continued": {0: 1.3}})
-    b = run_folder(tmp_path / "b", 3e-3, {"dense continued": {0: 9.9, 1: 1.28}, "E8G1T2": {0: 1.2}})
+def test_merge_joins_arms_of_one_setting_and_a_later_run_of_a_seed_replaces_the_earlier(bench, tmp_path):
+    a = run_folder(tmp_path / "a", 3e-3, {"E8G8T8": {0: 1.4}, "dense continued": {0: 1.3, 1: 1.28}})
+    b = run_folder(tmp_path / "b", 3e-3, {"dense continued": {0: 1.29}, "E8G1T2": {0: 1.2}})
     results, meta = bench.merge_records([a, b])
     assert list(results) == ["dense continued", "E8G1T2", "E8G8T8"]  # ARMS order, not the folders'
-    assert [(r["seed"], r["after"]) for r in results["dense continued"]] == [(0, 1.3), (1, 1.28)]
+    assert [(r["seed"], r["after"]) for r in results["dense continued"]] == [(0, 1.29), (1, 1.28)]
     assert meta["lr"] == 3e-3 and meta["steps"] == 4000
 
 
