@@ -2,7 +2,8 @@
 add_arguments and run), which calls the library to do the work.
 
 Bad input (`UpcycleError`) is printed as one line, `error: ...`, with exit status 2 and no traceback. Ctrl-C and
-SIGTERM (a scheduler's kill, `timeout`) unwind the same way, so temporary outputs are removed, not left behind.
+SIGTERM (a scheduler's kill, `timeout`) unwind the same way, so temporary outputs are removed, not left behind;
+while training, Lightning stops at the end of the step on SIGTERM, and the command exits 143 with one line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from nemo_upcycle import __version__
 from nemo_upcycle.errors import UpcycleError
@@ -29,6 +30,8 @@ COMMANDS = {
     "eval": ("nemo_upcycle.cli.eval", "evaluate checkpoints on MMLU (or other lm-eval tasks) offline, side by side"),
 }
 
+# Lightning handles SIGTERM while these train: it stops at the end of the step (its SIGTERMException).
+TRAINING_COMMANDS = ("train", "demo")
 
 # Library errors name the config fields (conf/upcycle.yaml's and conf/eval.yaml's, the Python API's):
 # `hf_arch=mixtral`. Here they name the flags that set them: `--hf-arch mixtral`. A field is mapped where it is
@@ -88,8 +91,9 @@ def sigterm_unwinds() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    trains = args.command in TRAINING_COMMANDS
     try:
-        with sigterm_unwinds():
+        with nullcontext() if trains else sigterm_unwinds():
             return int(args._run(args) or 0)
     except UpcycleError as err:
         print(f"error: {as_flags(str(err))}", file=sys.stderr)
@@ -97,3 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BaseException as err:
+        lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
+        if trains and lightning is not None and isinstance(err, lightning.SIGTERMException):
+            print("terminated at the end of a training step", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        raise

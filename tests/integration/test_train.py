@@ -292,6 +292,31 @@ def test_val_check_interval_counts_optimizer_steps_with_accumulation(workdir, mo
     assert validations == [2, 4]
 
 
+def test_sigterm_stops_training_at_the_end_of_a_step_with_one_line(workdir):
+    """A scheduler's kill mid-run: Lightning finishes the step, and the command exits 143 with one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = [f"restore_from={workdir / 'moe.nemo'}", f"data.data_prefix=[{workdir / 'data' / 'code_text_document'}]",
+                 f"exp_manager.exp_dir={workdir / 'exp'}", "name=sigterm", "data.splits_string='90,10,0'",
+                 "micro_batch_size=2", "global_batch_size=4", "trainer.max_steps=100000", "trainer.val_check_interval=100000",
+                 "trainer.enable_progress_bar=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_upcycle.cli", "train", *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = "", time.monotonic() + 180
+    while "Total params" not in seen:  # Lightning's model summary: fit has begun
+        line = proc.stdout.readline()
+        assert line and time.monotonic() < deadline, seen[-3000:]
+        seen += line
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, rest[-3000:]
+    assert "terminated at the end of a training step" in rest and "Traceback" not in rest, rest[-3000:]
+
+
 def test_tie_virtual_groups_keeps_whole_groups_while_the_router_learns(workdir):
     """E4G2T2 has 4 virtual groups of 2 experts sharing one router row. Tied, the rows of each group stay equal
     through training (so top-k keeps selecting whole groups) yet move; untied, Adam separates them at once."""
