@@ -64,25 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unwind_on_sigterm(signum: int, frame) -> None:
+    print("terminated", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def _default_sigterm_in_child() -> None:
+    """A forked worker (tokenizer pool, data loader) ends on SIGTERM as it would have: its interpreter may be
+    stuck on a lock held at the fork, where a Python-level handler would never run."""
+    if signal.getsignal(signal.SIGTERM) is _unwind_on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 @contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """Within the block SIGTERM (a scheduler's kill, `timeout`) ends this process through SystemExit(143), as
-    Ctrl-C does through KeyboardInterrupt, so `finally` blocks remove temporary outputs; forked workers (the
-    tokenizer pool, data loaders) inherit the handler and still end as SIGTERM would."""
+    Ctrl-C does through KeyboardInterrupt, so `finally` blocks remove temporary outputs."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    pid = os.getpid()
-
-    def on_sigterm(signum: int, frame) -> None:
-        if os.getpid() != pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        print("terminated", file=sys.stderr)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _unwind_on_sigterm)
     try:
         yield
     finally:

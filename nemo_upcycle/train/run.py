@@ -129,13 +129,13 @@ def check_numbers(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> TrainResult:
+    check_numbers(cfg)  # before NeMo's import, whose start-up lines would precede the one-line error
     import lightning.pytorch as pl
     from nemo.utils.exp_manager import exp_manager
 
     from nemo_upcycle.train.callbacks import ExpertLoadMonitor, LossHistory
     from nemo_upcycle.train.parallel import MegatronParallelStrategy
 
-    check_numbers(cfg)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     data_parallel = _parallel_set_up(cfg, trainer_args)
     if cfg.global_batch_size % (cfg.micro_batch_size * data_parallel):
