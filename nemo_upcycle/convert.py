@@ -290,7 +290,8 @@ def read_verify_text(path: Path | str | None) -> str | None:
     if path is None:
         return None
     if not isinstance(path, (str, Path)) or not Path(path).is_file():
-        raise UpcycleError(f"verify_data={path!r} is not a file: pass a UTF-8 text file")
+        shown = path if isinstance(path, (str, Path)) else repr(path)
+        raise UpcycleError(f"verify_data={shown} is not a file: pass a UTF-8 text file")
     return Path(path).read_text(encoding="utf-8", errors="replace")
 
 

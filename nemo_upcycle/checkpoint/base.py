@@ -26,7 +26,7 @@ from nemo_upcycle.models.manifest import TensorInfo
 @dataclass(frozen=True)
 class ReadOptions:
     """How to read a checkpoint: `format`, an input format name or auto (detected); `model_config`, NeMo-style
-    model fields for Megatron directories without saved args; `gguf_dtype`, what a GGUF file's (quantised)
+    model fields for Megatron directories (used instead of their saved args); `gguf_dtype`, what a GGUF file's (quantised)
     tensors are dequantised to."""
 
     format: str = "auto"

@@ -41,7 +41,7 @@ def open_checkpoint(path: Path | str, options: ReadOptions = ReadOptions()) -> C
     if fmt not in READERS:
         raise UpcycleError(f"unknown input format '{options.format}': use one of {', '.join(INPUT_FORMATS)}")
     if options.model_config is not None and fmt != "megatron":  # it would be silently ignored
-        raise UpcycleError(f"model_config=FILE is read only for Megatron checkpoints without saved args; {path} is a "
+        raise UpcycleError(f"model_config=FILE is read only for Megatron checkpoints; {path} is a "
                            f"{fmt} checkpoint, which carries its own config: drop model_config=FILE")
     return READERS[fmt].open(path, options)
 

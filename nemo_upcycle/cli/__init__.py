@@ -39,7 +39,7 @@ TRAINING_COMMANDS = ("train", "demo")
 FLAGS = {"output_format": "--format", "hf_arch": "--hf-arch", "target_engine": "--target-engine",
          "model_config": "--model-config", "tasks": "--tasks", "data_dir": "--data-dir", "num_fewshot": "--num-fewshot",
          "verify_data": "--verify-data", "verify_threshold": "--verify-threshold", "device": "--device",
-         "router_init": "--router-init"}
+         "router_init": "--router-init", "limit": "--limit", "sample": "--sample", "batch_size": "--batch-size"}
 BARE = ("hf_arch", "target_engine", "data_dir")
 _FIELD = re.compile(r"\b(?:(" + "|".join(FLAGS) + r")=|(" + "|".join(BARE) + r")\b)")
 

@@ -137,7 +137,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--no-pack", dest="pack", action="store_false",
                    help="write the .nemo as a directory instead of a tar")
     o.add_argument("--model-config", type=Path,
-                   help="YAML with NeMo model_config fields, for Megatron checkpoints without saved args")
+                   help="YAML with NeMo model_config fields, for Megatron checkpoints: needed without saved args "
+                        "or run_config.yaml, and used instead of them when given (refused for other inputs)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
     o.add_argument("--dry-run", action="store_true", help="print the plan (tensors, shapes, sizes); write nothing")
     o.add_argument("--verify", nargs="?", const=0, type=int, metavar="LAYERS",

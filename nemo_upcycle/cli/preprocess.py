@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "folders (every file below them matching --glob is a document); repeatable")
     parser.add_argument("--stdlib", action="store_true",
                         help="add CPython's standard library source folder as an input (a corpus every machine "
-                             "has; with the default --glob and --exclude-dir about 1900 files, 35 MB)")
+                             "has; with the default --glob and --exclude-dir about 1900 files, 32 MB)")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
                         help="output path prefix: writes PREFIX_<key>_document.bin and .idx per json key "
                              "(folders are created)")

@@ -176,9 +176,6 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
                globs: Sequence[str] = DEFAULT_GLOBS, exclude_dirs: Sequence[str] = DEFAULT_EXCLUDED_DIRS,
                overwrite: bool = False, progress: bool = True) -> PreprocessStats:
     """Tokenize `inputs` and write one Megatron indexed dataset per json key; see the module docstring."""
-    import megatron.core.datasets.indexed_dataset  # noqa: F401  (seconds of import, kept out of the timing)
-
-    start = time.perf_counter()
     if workers < 1:
         raise UpcycleError(f"--workers {workers} must be 1 or more")
     if len(set(json_keys)) != len(json_keys):  # one dataset per key: a repeated key would write each document twice
@@ -198,7 +195,10 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, tokenize
         raise UpcycleError(f"--output-prefix {output_prefix}: {folder} is under a file, not a folder; choose "
                            "another --output-prefix")
     folder.mkdir(parents=True, exist_ok=True)
+    # after the checks, whose errors its warnings would precede; seconds of import, kept out of the timing
+    import megatron.core.datasets.indexed_dataset  # noqa: F401
 
+    start = time.perf_counter()
     encoder = Encoder(tokenizer, json_keys, append_eod)
     stats = PreprocessStats(outputs=prefixes)
     with _ordered_results(encoder, iter_documents(files), workers) as results:

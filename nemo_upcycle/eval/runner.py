@@ -63,10 +63,11 @@ class EvalOptions:
             raise UpcycleError(f"a model is listed twice in {list(self.models)}: list each checkpoint once")
         if not self.tasks:
             raise UpcycleError("no task to evaluate: pass tasks=mmlu (or lm-eval task names)")
-        if self.num_fewshot < 0 or self.batch_size < 1 or any(n is not None and n < 1
-                                                              for n in (self.limit, self.sample)):
-            raise UpcycleError(f"num_fewshot {self.num_fewshot} must be >= 0, batch_size {self.batch_size} >= 1, "
-                               f"limit {self.limit} and sample {self.sample} >= 1 (or unset)")
+        for name, least in (("num_fewshot", 0), ("batch_size", 1), ("limit", 1), ("sample", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise UpcycleError(f"{name}={value} must be {least} or more"
+                                   + (", or unset for every question" if name in ("limit", "sample") else ""))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EvalOptions":
@@ -114,15 +115,17 @@ def check_device(device: str) -> None:
 
 def run_eval(options: EvalOptions) -> str:
     """Evaluate each checkpoint, write lm-eval's JSON per model and results.md into a temporary folder renamed to
-    output_dir at the end; return the markdown table. An existing output_dir is refused before any model is
-    loaded unless `overwrite`, and so is one that is, holds or lies inside a model being evaluated."""
+    output_dir at the end; return the markdown table. An existing output_dir (but an empty folder) is refused
+    before any model is loaded unless `overwrite`, and so is one that is, holds or lies inside a model evaluated."""
     from nemo_upcycle.checkpoint.archive import atomic_output, check_output_path
     from nemo_upcycle.eval.results import results_table, write_results
 
     check_device(options.device)
     output_dir = Path(options.output_dir)
+    empty = output_dir.is_dir() and not output_dir.is_symlink() and not any(output_dir.iterdir())
+    overwrite = options.overwrite or empty  # an empty folder made for the results holds nothing to lose
     for path in options.models:
-        check_output_path(output_dir, options.overwrite, path)
+        check_output_path(output_dir, overwrite, path)
 
     def load(path: str) -> ModelAndTokenizer:
         from nemo_upcycle.checkpoint import load_model
@@ -137,7 +140,7 @@ def run_eval(options: EvalOptions) -> str:
                               sample=options.sample, sample_seed=options.sample_seed,
                               add_bos_token=options.add_bos_token, batch_size=options.batch_size,
                               log_samples=options.log_samples)
-    with atomic_output(output_dir, options.overwrite) as out:
+    with atomic_output(output_dir, overwrite) as out:
         write_results(results, out)
     return results_table(results)
 

@@ -128,8 +128,22 @@ def check_numbers(cfg: DictConfig) -> None:
         raise UpcycleError(f"optim.lr {lr:g} is below optim.sched.min_lr {min_lr:g}: raise the lr or lower min_lr")
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """Refuse a missing checkpoint or dataset before exp_manager makes a run folder (and NeMo logs a page):
+    a missing data_prefix was OmegaConf's traceback from inside trainer.fit."""
+    from nemo_upcycle.data.datasets import parse_blend
+
+    if cfg.restore_from and not Path(str(cfg.restore_from)).exists():
+        raise UpcycleError(f"restore_from={cfg.restore_from} does not exist: check the path")
+    if cfg.get("data") is None or OmegaConf.is_missing(cfg.data, "data_prefix") or not cfg.data.data_prefix:
+        raise UpcycleError("data.data_prefix is not set: pass data.data_prefix=[PREFIX], a dataset written by "
+                           "nemo-upcycle preprocess (e.g. data/stdlib_text_document)")
+    parse_blend(list(cfg.data.data_prefix))
+
+
 def train(cfg: DictConfig) -> TrainResult:
-    check_numbers(cfg)  # before NeMo's import, whose start-up lines would precede the one-line error
+    check_numbers(cfg)  # both before NeMo's import, whose start-up lines would precede the one-line error
+    check_inputs(cfg)
     import lightning.pytorch as pl
     from nemo.utils.exp_manager import exp_manager
 

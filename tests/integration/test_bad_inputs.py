@@ -215,7 +215,7 @@ def test_model_config_errors_name_the_file_given_and_other_inputs_refuse_it(copy
         "error: the --model-config file has no 'hidden_size': is this a NeMo GPT checkpoint?")
     nemo = copy("nemo_tar")
     assert convert_error(nemo, tmp_path / "o.nemo", "--model-config", config) == (
-        f"error: --model-config FILE is read only for Megatron checkpoints without saved args; {nemo} is a nemo "
+        f"error: --model-config FILE is read only for Megatron checkpoints; {nemo} is a nemo "
         "checkpoint, which carries its own config: drop --model-config FILE")
 
 

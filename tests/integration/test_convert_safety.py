@@ -214,7 +214,8 @@ def test_the_hydra_path_takes_every_option_and_refuses_unknown_ones(dense_dir, t
                            ({"target_engine": "bogus"}, "target_engine must be one of vllm, llama.cpp, sglang"),
                            ({"gguf_dtype": "int8"}, "gguf_dtype must be one of"),
                            ({"verify": 0, "verify_threshold": -1}, "must be a finite relative loss gap"),
-                           ({"verify_data": str(tmp_path / "nope.txt")}, "is not a file")):
+                           ({"verify_data": str(tmp_path / "nope.txt")}, f"verify_data={tmp_path / 'nope.txt'} is not a file"),
+                           ({"verify_data": 3}, "verify_data=3 is not a file")):
         one_line_error(lambda: convert_from_config({**base, **extra}), message)
     assert not (tmp_path / "o.nemo").exists()
     text = tmp_path / "text.txt"

@@ -243,6 +243,17 @@ def test_overwrite_never_pairs_a_new_bin_with_the_old_idx(tmp_path, monkeypatch)
     assert not (tmp_path / "o_text_document.idx").exists() and not list(tmp_path.glob("*tmp*"))
 
 
+def test_a_bad_input_is_the_only_line_a_fresh_process_prints(tmp_path):
+    """Megatron's import warnings (no Transformer Engine, no Apex) came before the error line."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "nemo_upcycle.cli", "preprocess", "--input", str(tmp_path / "nope.jsonl"),
+                          "--tokenizer", "byte", "--output-prefix", str(tmp_path / "o")], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == f"error: input {tmp_path / 'nope.jsonl'} does not exist; pass existing files or folders to --input\n"
+
+
 def test_sigterm_removes_the_temporary_files(tmp_path):
     """A scheduler's kill mid-run: the command unwinds as on Ctrl-C, exits 143, and leaves no files."""
     import signal

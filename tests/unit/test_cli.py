@@ -82,13 +82,17 @@ def test_convert_options_that_would_be_ignored_or_refused_later_are_refused_firs
     assert capsys.readouterr().err.strip() == f"error: {existing} already exists: choose another output path or pass --overwrite"
 
 
-def test_train_numbers_that_would_fail_deep_inside_are_refused_first(capsys):
+def test_train_numbers_and_inputs_that_would_fail_deep_inside_are_refused_first(capsys, tmp_path):
     from nemo_upcycle.cli import main
 
     for override, message in (("micro_batch_size=0", "micro_batch_size must be a positive integer, got 0"),
                               ("optim.lr=-1e-4", "optim.lr must be a positive number, got -0.0001"),
                               ("expert_lr_mult=-1", "expert_lr_mult must be a positive number, got -1"),
-                              ("optim.lr=1e-7", "optim.lr 1e-07 is below optim.sched.min_lr")):
-        assert main(["train", override]) == 2
+                              ("optim.lr=1e-7", "optim.lr 1e-07 is below optim.sched.min_lr"),
+                              ("restore_from=/no/such.nemo", "restore_from=/no/such.nemo does not exist"),
+                              ("trainer.max_steps=1", "data.data_prefix is not set: pass data.data_prefix=[PREFIX]"),
+                              ("data.data_prefix=[/no/such]", "dataset prefix /no/such: /no/such.bin and")):
+        assert main(["train", override, f"exp_manager.exp_dir={tmp_path}"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert list(tmp_path.iterdir()) == []  # refused before exp_manager made a run folder

@@ -49,12 +49,18 @@ def test_hydra_config_has_the_cli_options_and_defaults():
 
 @pytest.mark.parametrize("values, message", [
     ({"models": ["a.nemo", "a.nemo"]}, "listed twice"),
-    ({"models": ["a.nemo"], "limit": 0}, "limit 0"),
+    ({"models": ["a.nemo"], "limit": 0}, "limit=0 must be 1 or more, or unset for every question"),
+    ({"models": ["a.nemo"], "num_fewshot": -1}, "num_fewshot=-1 must be 0 or more"),
     ({"models": ["a.nemo"], "tasks": []}, "no task"),
 ])
 def test_bad_options_are_one_line_errors(values, message):
     with pytest.raises(UpcycleError, match=message):
         EvalOptions(**values)
+
+
+def test_a_bad_number_names_its_flag(capsys):
+    assert main(["eval", "m.nemo", "--limit", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --limit 0 must be 1 or more, or unset for every question"
 
 
 def test_missing_data_fails_before_any_model_is_loaded(capsys):
