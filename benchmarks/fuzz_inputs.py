@@ -53,6 +53,9 @@ if str(ROOT) not in sys.path:
 
 KINDS = ("nemo_dir", "nemo_tar", "nemo_gzip", "nemo_legacy_tp2", "megatron_lm", "megatron_bridge",
          "megatron_model_config", "hf_single", "hf_sharded", "hydra")
+KIND_LABELS = dict(zip(KINDS, (".nemo directory", ".nemo tar", ".nemo gzip tar", ".nemo legacy TP=2 tar", "Megatron-LM",
+                               "Megatron-Bridge", "Megatron + --model-config", "HF single file", "HF sharded",
+                               "Hydra entry point")))
 PAYLOAD = "PWNED"  # a hostile YAML tag or pickle would create this file in the case directory
 
 
@@ -690,11 +693,13 @@ def summarise(results: list[Result]) -> str:
     per_kind = collections.defaultdict(collections.Counter)
     for r in results:
         per_kind[r.case.kind][r.outcome] += 1
-    kind_rows = [[k, *(str(per_kind[k].get(o, 0)) for o in ("clean_error", "success", "traceback", "hang"))]
-                 for k in KINDS if k in per_kind]
+    per_kind["all"] = sum(per_kind.values(), collections.Counter())
+    kind_rows = [[KIND_LABELS.get(k, f"**{k}**"), f"{sum(per_kind[k].values()):,}",
+                  *(f"{per_kind[k].get(o, 0):,}" for o in ("clean_error", "success", "traceback", "hang"))]
+                 for k in (*KINDS, "all") if k in per_kind]
     secs = sorted(r.seconds for r in results)
     return (markdown_table(["outcome / safety failure", "cases"], rows) + "\n\n"
-            + markdown_table(["input kind", "clean error", "success", "traceback", "hang"], kind_rows)
+            + markdown_table(["input kind", "cases", "clean error", "success", "traceback", "hang"], kind_rows)
             + f"\n\n{len(results)} cases, {sum(secs):.0f} s in cases, median {secs[len(secs) // 2]:.3f} s, "
               f"slowest {secs[-1]:.2f} s")
 
@@ -733,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
             report.flush()
 
     t0 = time.perf_counter()
-    results = run_fuzz(args.cases, args.workdir, args.seed, args.timeout, args.start, on_result=record)
+    # absolute: each case runs in its own folder, where a relative --workdir would name nothing
+    results = run_fuzz(args.cases, args.workdir.resolve(), args.seed, args.timeout, args.start, on_result=record)
     print(summarise(results))
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     bad = bad_results(results)

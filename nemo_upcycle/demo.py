@@ -63,8 +63,8 @@ class DemoSettings:
                                f"{DemoSettings.lr})")
         if self.out.exists() and not self.out.is_dir():
             raise UpcycleError(f"--out {self.out} is a file: pass a folder for the report and checkpoints")
-        if self.dense is not None and not Path(self.dense).exists():
-            raise UpcycleError(f"--dense {self.dense} does not exist: pass an existing dense checkpoint")
+        if self.dense is not None:
+            self._check_dense()
         if self.dense is None and not self.quick and not SHIPPED_DENSE.exists():
             raise UpcycleError(f"the shipped dense checkpoint {SHIPPED_DENSE} is missing: run "
                                "examples/pretrain_dense.py, or pass --dense or --quick")
@@ -74,9 +74,21 @@ class DemoSettings:
             try:
                 UpcycleConfig.from_shorthand(name, router=self.router)
             except UpcycleError as err:
-                raise UpcycleError(f"--recipes {name} with --router {self.router}: {err}") from None
+                fix = str(err).replace(", or router_init=random", "")  # the demo keeps the calibrated init
+                raise UpcycleError(f"--recipes {name} with --router {self.router}: {fix}") from None
         if self.mmlu_dir is not None:
             self._check_mmlu_dir()
+
+    def _check_dense(self) -> None:
+        """--dense must be a dense checkpoint: an MoE one failed only at the convert stage."""
+        from nemo_upcycle.checkpoint import open_checkpoint
+
+        if not Path(self.dense).exists():
+            raise UpcycleError(f"--dense {self.dense} does not exist: pass an existing dense checkpoint")
+        with open_checkpoint(self.dense) as reader:
+            if reader.config.is_moe:
+                raise UpcycleError(f"--dense {self.dense} is already an MoE model ({reader.config.num_moe_experts} "
+                                   "experts): pass a dense checkpoint")
 
     def _check_mmlu_dir(self) -> None:
         """Read --mmlu-dir now (a folder, tarball or .jsonl): a missing or malformed one, or one with no dev split

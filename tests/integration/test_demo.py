@@ -99,6 +99,25 @@ def test_bad_settings_are_refused_before_any_work(no_demo_work, capsys, flags, m
     assert not (no_demo_work / "out").exists()
 
 
+def test_an_moe_dense_and_a_fix_without_a_demo_flag_are_refused_before_any_work(megatron, no_demo_work, capsys):
+    from nemo_upcycle.convert import convert
+    from nemo_upcycle.recipe import UpcycleConfig
+    from tests.conftest import random_model, small_config
+    from tests.nemo_fixtures import pack_nemo, spm_model_bytes, write_nemo_dir
+
+    dense = random_model(small_config(vocab_size=96))
+    src = pack_nemo(write_nemo_dir(no_demo_work / "d", dense, spm_model_bytes(no_demo_work)), no_demo_work / "d.nemo")
+    convert(src, no_demo_work / "moe.nemo", UpcycleConfig.from_shorthand("E2G1T2"), progress=False)
+    assert main(["demo", "--quick", "--out", "out", "--dense", "moe.nemo"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --dense moe.nemo is already an MoE model (2 experts): pass a "
+                                               "dense checkpoint")
+    assert main(["demo", "--quick", "--out", "out", "--recipes", "E8G7T8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --recipes E8G7T8 with --router softmax_then_topk: ") and "router" not in \
+        err.split(": ", 2)[2] and "\n" not in err, err
+    assert not (no_demo_work / "out").exists()
+
+
 def test_default_settings_pass_the_check():
     DemoSettings().check()
     DemoSettings(quick=True, mmlu_dir=MMLU_SAMPLE).check()
