@@ -83,7 +83,7 @@ def _float(text: str, flag: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="dense checkpoint: .nemo file or directory, Megatron torch_dist directory "
-                                 "(iter_XXXXXXX/ or its parent), or Hugging Face folder")
+                                 "(iter_XXXXXXX/ or its parent), Hugging Face folder, or Llama-family .gguf file")
     p.add_argument("output", help="where to write the upcycled checkpoint (must not exist unless --overwrite)")
     r = p.add_argument_group("recipe (the paper's notation: E expansion, G granularity, T top-k)")
     r.add_argument("--recipe", help="shorthand E<E>G<G>T<T>, e.g. E8G8T8 (64 experts of 1/8 size, top-8) "

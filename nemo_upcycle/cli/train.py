@@ -1,10 +1,10 @@
 """`nemo-upcycle train`: continued training with Lightning, NeMo's exp_manager and optimizers, from conf/train.yaml.
 
     nemo-upcycle train restore_from=moe.nemo data.data_prefix=[data/stdlib_text_document] trainer.max_steps=200
-    nemo-upcycle train restore_from=dense.nemo +upcycle.shorthand=E8G8T8     # upcycle in memory, then train
+    nemo-upcycle train restore_from=dense.nemo +upcycle.shorthand=E8G8T8 data.data_prefix=[...]  # upcycle in memory
     nemo-upcycle train model=tiny_cpu data.data_prefix=[...]                 # from scratch (the dense baseline)
-    torchrun --nproc-per-node 4 -m nemo_upcycle.cli train restore_from=moe.nemo backend=megatron \
-        tensor_model_parallel_size=2 pipeline_model_parallel_size=2 use_distributed_optimizer=true
+    torchrun --nproc-per-node 4 -m nemo_upcycle.cli train restore_from=moe.nemo data.data_prefix=[...] \\
+        backend=megatron tensor_model_parallel_size=2 pipeline_model_parallel_size=2 use_distributed_optimizer=true
                                                   # Megatron-core's engine on several processes (parallel.py)
 
 Arguments are Hydra overrides of conf/train.yaml (groups: model, data, trainer, optim). Logs, TensorBoard and
