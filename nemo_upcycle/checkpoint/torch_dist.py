@@ -19,6 +19,7 @@ import io
 import json
 import math
 import pickle
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +51,12 @@ MEGATRON_METADATA = {
 @contextmanager
 def _unwrapped_errors() -> Iterator[None]:
     """DCP wraps every error of a save or load (Ctrl-C and our one-line errors included) in a
-    CheckpointException; re-raise the original so it reaches the user as itself."""
+    CheckpointException; re-raise the original so it reaches the user as itself. Its warning that
+    torch.distributed is not initialized is dropped: every call here passes no_dist=True, one process by design."""
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            yield
     except CheckpointException as err:
         for exc, _ in err.failures.values():
             raise exc from None
