@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
@@ -123,9 +123,8 @@ def run_eval(options: EvalOptions) -> str:
     check_device(options.device)
     output_dir = Path(options.output_dir)
     empty = output_dir.is_dir() and not output_dir.is_symlink() and not any(output_dir.iterdir())
-    overwrite = options.overwrite or empty  # an empty folder made for the results holds nothing to lose
-    for path in options.models:
-        check_output_path(output_dir, overwrite, path)
+    for path in options.models:  # an empty folder made for the results holds nothing to lose
+        check_output_path(output_dir, options.overwrite or empty, path)
 
     def load(path: str) -> ModelAndTokenizer:
         from nemo_upcycle.checkpoint import load_model
@@ -140,7 +139,10 @@ def run_eval(options: EvalOptions) -> str:
                               sample=options.sample, sample_seed=options.sample_seed,
                               add_bos_token=options.add_bos_token, batch_size=options.batch_size,
                               log_samples=options.log_samples)
-    with atomic_output(output_dir, overwrite) as out:
+    if empty and not options.overwrite:
+        with suppress(OSError):  # still empty: it goes; a file put there meanwhile keeps it, and the
+            output_dir.rmdir()    # finished results are left beside it (atomic_output says where)
+    with atomic_output(output_dir, options.overwrite) as out:
         write_results(results, out)
     return results_table(results)
 

@@ -89,7 +89,7 @@ def test_help_does_not_import_lm_eval():
     assert out.strip() == "[]"
 
 
-def test_eval_of_converted_checkpoints_end_to_end(megatron, tmp_path, capsys):
+def test_eval_of_converted_checkpoints_end_to_end(megatron, tmp_path, capsys, monkeypatch):
     """A dense .nemo and its upcycled version, evaluated side by side from the command line."""
     from nemo_upcycle.convert import convert
     from nemo_upcycle.recipe import UpcycleConfig
@@ -122,3 +122,19 @@ def test_eval_of_converted_checkpoints_end_to_end(megatron, tmp_path, capsys):
                                                                   p.name.startswith(".eval_out")) == []
     assert main(["eval", str(src), "--data-dir", mmlu, "--output-dir", str(tmp_path), "--overwrite"]) == 2
     assert "is, holds or lies inside the input" in capsys.readouterr().err and src.is_file()
+    # An empty folder is fine, but a file put into it while the models were scored is kept, not replaced.
+    import nemo_upcycle.eval.results as results_module
+
+    fresh, real_write = tmp_path / "fresh", results_module.write_results
+    fresh.mkdir()
+
+    def write_after_an_intruder(results, out):
+        fresh.mkdir(exist_ok=True)
+        (fresh / "mine.txt").write_text("keep me")
+        real_write(results, out)
+
+    monkeypatch.setattr(results_module, "write_results", write_after_an_intruder)
+    assert main(["eval", str(src), "--data-dir", mmlu, "--limit", "1", "--num-fewshot", "0", "--output-dir",
+                 str(fresh)]) == 2
+    assert "appeared while the output was written" in capsys.readouterr().err
+    assert (fresh / "mine.txt").read_text() == "keep me"
