@@ -289,9 +289,9 @@ def read_verify_text(path: Path | str | None) -> str | None:
     """The text a verification measures on (None: the bundled sample)."""
     if path is None:
         return None
-    if not isinstance(path, (str, Path)) or not Path(path).is_file():
-        shown = path if isinstance(path, (str, Path)) else repr(path)
-        raise UpcycleError(f"verify_data={shown} is not a file: pass a UTF-8 text file")
+    is_path = isinstance(path, (str, Path))
+    if not is_path or not Path(path).is_file():
+        raise UpcycleError(f"verify_data={path if is_path else repr(path)} is not a file: pass a UTF-8 text file")
     return Path(path).read_text(encoding="utf-8", errors="replace")
 
 
