@@ -4,8 +4,11 @@
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-# On machines without CUDA, pin the CPU torch build in the same pip call, so pip does not pull a CUDA torch.
+# On machines without CUDA, install the CPU torch build first from PyTorch's CPU index (PyPI's Linux torch is the
+# CUDA build, GBs of nvidia-* wheels), and keep the pin in the main pip call so pip does not swap it. A machine that
+# cannot reach that index falls back to the pin alone (a local wheel pip finds, or PyPI's build).
 TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= test,eval
 PYTEST_ARGS ?=
 
@@ -16,6 +19,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-$(EXTRAS): $(BIN)/python pyproject.toml
+	$(if $(TORCH),$(BIN)/pip install --disable-pip-version-check -q --retries 1 --timeout 30 --index-url $(TORCH_INDEX) \
+		$(TORCH) || echo "$(TORCH_INDEX) did not answer: installing $(TORCH) from the default index")
 	$(BIN)/pip install --disable-pip-version-check -q $(TORCH) -e ".[$(EXTRAS)]"
 	@touch $@
 

@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import NoReturn
 
 from nemo_upcycle import __version__
 from nemo_upcycle.errors import UpcycleError
@@ -48,8 +49,16 @@ def as_flags(message: str) -> str:
     return _FIELD.sub(lambda m: FLAGS[m[1]] + " " if m[1] else FLAGS[m[2]], message)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints its whole usage (20 lines for convert) above a bad flag's message; here the message is the
+    one line, with where to look for the options."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="nemo-upcycle",
         description="Upcycle dense GPT checkpoints into Mixture-of-Experts models (arXiv 2410.07524).",
     )
@@ -60,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
 
@@ -94,7 +103,9 @@ def sigterm_unwinds() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # named by the command's parser, whose --help lists the options that exist
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     trains = args.command in TRAINING_COMMANDS
     try:
         with nullcontext() if trains else sigterm_unwinds():

@@ -193,6 +193,29 @@ def task_manager(tasks: list[str], data_dir: str | Path | None, num_fewshot: int
         yield manager
 
 
+@contextmanager
+def _git_hash_quietly() -> Iterator[None]:
+    """lm-eval records `git describe --always` of the working directory in its results, with git's stderr left on
+    the terminal: outside a repository every run printed "fatal: not a git repository". Same hash, same fallback
+    (lm-eval's get_commit_from_path), without git's message."""
+    import subprocess
+
+    from lm_eval import evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_hash() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    original, evaluator.get_git_commit_hash = evaluator.get_git_commit_hash, git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def _evaluate(model: "torch.nn.Module", tokenizer: "Tokenizer", tasks: list[str], task_manager: "TaskManager", *,
               num_fewshot: int, limit: int | None, add_bos_token: bool | None, batch_size: int,
               max_length: int | None, log_samples: bool) -> dict:
@@ -208,8 +231,9 @@ def _evaluate(model: "torch.nn.Module", tokenizer: "Tokenizer", tasks: list[str]
         max_length = config.seq_length
     lm = ModelLM(model, tokenizer, max_length=max_length, batch_size=batch_size, add_bos_token=add_bos_token)
     try:
-        return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                       task_manager=task_manager, log_samples=log_samples)
+        with _git_hash_quietly():
+            return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                           task_manager=task_manager, log_samples=log_samples)
     except ConnectionError as err:  # what `datasets` raises offline for a dataset that is not cached
         raise UpcycleError(f"{err}: the dataset is not in the Hugging Face cache ({datasets.config.HF_DATASETS_CACHE});"
                            f" download it once where the Hub is reachable, or use MMLU with data_dir") from err

@@ -173,6 +173,17 @@ def test_limit_and_a_selection_of_tasks():
     assert acc["mmlu_philosophy"] == (TEST["philosophy"].answer[:2] == "A").mean()
 
 
+def test_outside_a_git_repository_git_prints_nothing(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # lm-eval asks git for the working directory's commit
+    result = evaluate(Uniform(), HENDRYCKS, tasks=["mmlu_philosophy"], limit=1)
+    assert "not a git repository" not in capfd.readouterr().err
+    assert result["git_hash"] is None
+    monkeypatch.chdir(Path(__file__).parent)  # inside this repository (a clone has .git): its commit, as lm-eval
+    if subprocess.run(["git", "rev-parse"], capture_output=True).returncode == 0:
+        expected = subprocess.check_output(["git", "describe", "--always"], text=True).strip()
+        assert evaluate(Uniform(), HENDRYCKS, tasks=["mmlu_philosophy"], limit=1)["git_hash"] == expected
+
+
 def test_models_side_by_side_in_one_table_and_lm_eval_json_on_disk(tmp_path):
     results = evaluate_models({"oracle": (Oracle(), TOK), "uniform": (Uniform(), TOK)}, ["mmlu"],
                               data_dir=HENDRYCKS, max_length=2048)

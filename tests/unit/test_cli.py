@@ -7,7 +7,12 @@ import sys
 def test_bad_input_is_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nemo_upcycle.cli", "demo", "--router", "bogus"],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("nemo-upcycle demo: error: argument --router: invalid choice")
+    assert len(proc.stderr.splitlines()) == 1 and "`nemo-upcycle demo --help` lists the options" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "nemo_upcycle.cli", "convert", "in.nemo", "out.nemo", "--bogus"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == (
+        "nemo-upcycle convert: error: unrecognized arguments: --bogus (`nemo-upcycle convert --help` lists the options)\n")
     proc = subprocess.run([sys.executable, "-m", "nemo_upcycle.cli", "demo", "--dense", str(tmp_path / "x.nemo"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
