@@ -225,8 +225,9 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
         order = writer.fetch_order(plan.moe, plan.outputs)
         check_one_layer_at_a_time(order, writer.name)
         check_free_disk(output_path, plan.bytes_out + writer.overhead_bytes(plan.outputs))
-        if verify is not None and recipe is not None:  # a text too short to measure on fails before writing
-            verify_tokens(reader_tokenizer(reader), plan.dense.vocab_size, verify.text)
+        tokens = None  # a verify text too short to measure on fails before writing
+        if verify is not None and recipe is not None:
+            tokens = verify_tokens(reader_tokenizer(reader), plan.dense.vocab_size, verify.text)
         directions = directions_from_reader(reader, recipe) if recipe is not None else None
         bar = tqdm(total=plan.dense.num_layers, unit="layer", desc="upcycling", disable=not progress)
         stream = LayerStream(reader, plan, bar, directions, order)
@@ -235,7 +236,7 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
         seconds = time.perf_counter() - start
         summary = Summary(plan, seconds, peak_rss_bytes(), output_path)
         if verify is not None:
-            summary.verify = _verify(reader, output_path, recipe, verify, directions)
+            summary.verify = _verify(reader, output_path, recipe, verify, tokens, directions)
     return summary
 
 
@@ -270,14 +271,14 @@ def check_options(read: ReadOptions, write: WriteOptions, verify: VerifyOptions 
 
 
 def _verify(reader: CheckpointReader, output_path: Path, recipe: UpcycleConfig | None, verify: VerifyOptions,
-            router_directions: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
+            tokens: torch.Tensor | None, router_directions: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
     if recipe is None:
         return {"status": "not checked (format conversion, no recipe to check against)"}
     import json
 
     with open_checkpoint(output_path) as written:
-        result = verify_conversion(reader, written, recipe, verify.layers, router_directions, verify.text,
-                                   verify.threshold)
+        result = verify_conversion(reader, written, recipe, verify.layers, router_directions,
+                                   threshold=verify.threshold, tokens=tokens)
     checksums = result.pop("checksums")
     sidecar = output_path.with_name(output_path.name + ".checksums.json")
     sidecar.write_text(json.dumps(checksums, indent=1) + "\n")

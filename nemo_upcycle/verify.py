@@ -141,16 +141,18 @@ def scaling_rounds(recipe: UpcycleConfig, activation: str, dtype: torch.dtype) -
 def verify_conversion(dense_reader: CheckpointReader, moe_reader: CheckpointReader, recipe: UpcycleConfig,
                       layers: int = 0, router_directions: dict[int, torch.Tensor] | None = None,
                       text: str | None = None, threshold: float = DEFAULT_THRESHOLD,
-                      max_tokens: int = 512) -> dict[str, Any]:
+                      max_tokens: int = 512, tokens: torch.Tensor | None = None) -> dict[str, Any]:
     """Step 0 of the first `layers` layers (0 = all) of both checkpoints, in float32, on real text (the dense
     checkpoint's tokenizer on `text`, default the bundled held-out sample; random tokens without a tokenizer):
     the held-out loss gap (fails above `threshold`, naming the cause), top-1 agreement, greedy continuations,
-    the recipe identity per MoE layer, and the expert checksums."""
+    the recipe identity per MoE layer, and the expert checksums. `tokens` (from verify_tokens) replaces `text`
+    where the caller has tokenized it already."""
     n = dense_reader.config.num_layers if layers <= 0 else min(layers, dense_reader.config.num_layers)
     dense, moe = _load(dense_reader, n), _load(moe_reader, n)
     dtype = next(iter(dense_reader.tensors().values())).dtype
     tokenizer = reader_tokenizer(dense_reader)
-    tokens = verify_tokens(tokenizer, dense.config.vocab_size, text, max_tokens)
+    if tokens is None:
+        tokens = verify_tokens(tokenizer, dense.config.vocab_size, text, max_tokens)
 
     captured: dict[int, torch.Tensor] = {}
     hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0]))

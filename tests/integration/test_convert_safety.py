@@ -206,6 +206,26 @@ def test_a_verify_text_too_short_to_measure_fails_before_writing(megatron, tmp_p
     assert not (tmp_path / "o.nemo").exists()
 
 
+def test_a_verified_conversion_tokenizes_its_text_once_and_measures_on_it(megatron, tmp_path, monkeypatch):
+    import nemo_upcycle.convert as convert_module
+    import nemo_upcycle.verify as verify_module
+
+    calls, original = [], verify_module.verify_tokens
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "verify_tokens", counting)
+    monkeypatch.setattr(convert_module, "verify_tokens", counting)
+    with_tokenizer = write_nemo_dir(tmp_path / "spm_dense", random_model(small_config()), spm_model_bytes(tmp_path))
+    text = "Rivers carry sand to the sea. " * 3
+    summary = convert(with_tokenizer, tmp_path / "o.nemo", RECIPE, verify=VerifyOptions(text=text), progress=False)
+    assert len(calls) == 1
+    n = original(calls[0][0], calls[0][1], text).shape[1]
+    assert n < 512 and f"loss dense / MoE ({n} tokens of held-out text)" in summary.verify
+
+
 def test_the_hydra_path_takes_every_option_and_refuses_unknown_ones(dense_dir, tmp_path):
     from nemo_upcycle.convert import convert_from_config
 
