@@ -225,8 +225,8 @@ def convert(input_path: Path | str, output_path: Path | str, recipe: UpcycleConf
         order = writer.fetch_order(plan.moe, plan.outputs)
         check_one_layer_at_a_time(order, writer.name)
         check_free_disk(output_path, plan.bytes_out + writer.overhead_bytes(plan.outputs))
-        tokens = None  # a verify text too short to measure on fails before writing
-        if verify is not None and recipe is not None:
+        tokens = None
+        if verify is not None and recipe is not None:  # a verify text too short to measure on fails before writing
             tokens = verify_tokens(reader_tokenizer(reader), plan.dense.vocab_size, verify.text)
         directions = directions_from_reader(reader, recipe) if recipe is not None else None
         bar = tqdm(total=plan.dense.num_layers, unit="layer", desc="upcycling", disable=not progress)
