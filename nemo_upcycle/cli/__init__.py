@@ -3,7 +3,8 @@ add_arguments and run), which calls the library to do the work.
 
 Bad input (`UpcycleError`) is printed as one line, `error: ...`, with exit status 2 and no traceback. Ctrl-C and
 SIGTERM (a scheduler's kill, `timeout`) unwind the same way, so temporary outputs are removed, not left behind;
-while training, Lightning stops at the end of the step on SIGTERM, and the command exits 143 with one line.
+while training, SIGTERM stops it at the end of the optimizer step, exp_manager saves that step's checkpoint (the
+same command resumes from it), and the command exits 143 with one line naming it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ COMMANDS = {
     "eval": ("nemo_upcycle.cli.eval", "evaluate checkpoints on MMLU (or other lm-eval tasks) offline, side by side"),
 }
 
-# Lightning handles SIGTERM while these train: it stops at the end of the step (its SIGTERMException).
+# SIGTERM while these train ends the step (train.callbacks.StopAtStepEndOnSigterm; Lightning's SIGTERMException
+# outside the training loop).
 TRAINING_COMMANDS = ("train", "demo")
 
 # Library errors name the config fields (conf/upcycle.yaml's and conf/eval.yaml's, the Python API's):
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BaseException as err:
+        run = sys.modules.get("nemo_upcycle.train.run")
+        if trains and run is not None and isinstance(err, run.Preempted):
+            print(err, file=sys.stderr)
+            return 128 + signal.SIGTERM
         lightning = sys.modules.get("lightning.pytorch.utilities.exceptions")
         if trains and lightning is not None and isinstance(err, lightning.SIGTERMException):
             print("terminated at the end of a training step", file=sys.stderr)

@@ -9,7 +9,8 @@
 
 Arguments are Hydra overrides of conf/train.yaml (groups: model, data, trainer, optim). Logs, TensorBoard and
 checkpoints go to <exp_manager.exp_dir>/<name>/ (resumed automatically when present); the trained model is saved
-as a .nemo and the expert load over training as expert_load.png.
+as a .nemo and the expert load over training as expert_load.png. In one process, SIGTERM (preemption) ends the run
+at the end of an optimizer step with that step's checkpoint saved, exits 143, and the same command resumes it.
 """
 
 from __future__ import annotations

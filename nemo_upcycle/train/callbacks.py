@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -45,3 +47,34 @@ class LossHistory(Callback):
         if loss is not None:
             self.tokens.append(self._seen)
             self.losses.append(float(loss))
+
+
+class StopAtStepEndOnSigterm(Callback):
+    """In one process, SIGTERM (a scheduler's preemption, `timeout`) ends training at the end of the optimizer step
+    it arrives in, through `Trainer.should_stop`, so exp_manager's checkpoint callback saves that whole step as
+    training ends (its -last checkpoint) and the same command resumes from it exactly. Lightning's own handler
+    stops after the current micro-batch, mid-accumulation, and saves nothing. Under torch.distributed on GPUs,
+    NeMo's PreemptionCallback (exp_manager's create_preemption_callback) does this job for all ranks."""
+
+    def __init__(self) -> None:
+        self.stopped_at: int | None = None  # the step training ended at because of SIGTERM
+        self._received = False
+        self._step_at_batch_start = 0
+
+    def _receive(self, signum: int, frame) -> None:
+        self._received = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning's signal connector registered its handler; its teardown restores the original one
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._receive)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stepped = trainer.global_step > self._step_at_batch_start  # this micro-batch ended an optimizer step
+        if self._received and stepped and not trainer.should_stop:
+            trainer.should_stop = True
+            if trainer.max_steps < 0 or trainer.global_step < trainer.max_steps:  # else it finished anyway
+                self.stopped_at = trainer.global_step

@@ -33,6 +33,18 @@ class TrainResult:
     global_rank: int = 0  # this process, in a multi-process run
 
 
+class Preempted(Exception):
+    """Training ended early on SIGTERM, at the end of a step whose checkpoint exp_manager saved; no .nemo is
+    written, as the model is not the one asked for."""
+
+    def __init__(self, step: int, max_steps: int, checkpoint: str | None, resumes: bool) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        how = "the same command resumes from it" if resumes else "exp_manager.resume_if_exists=true resumes from it"
+        where = (f"its checkpoint is {checkpoint}, and {how}" if checkpoint else
+                 "no checkpoint was saved (exp_manager.create_checkpoint_callback is false)")
+        super().__init__(f"terminated after step {step} of {max_steps}: {where}")
+
+
 def load_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
     """conf/<config_name>.yaml with Hydra overrides applied (what `nemo-upcycle train` and tests use)."""
     from hydra import compose, initialize_config_dir
@@ -147,7 +159,7 @@ def train(cfg: DictConfig) -> TrainResult:
     import lightning.pytorch as pl
     from nemo.utils.exp_manager import exp_manager
 
-    from nemo_upcycle.train.callbacks import ExpertLoadMonitor, LossHistory
+    from nemo_upcycle.train.callbacks import ExpertLoadMonitor, LossHistory, StopAtStepEndOnSigterm
     from nemo_upcycle.train.parallel import MegatronParallelStrategy
 
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -156,13 +168,13 @@ def train(cfg: DictConfig) -> TrainResult:
         raise UpcycleError(f"global_batch_size {cfg.global_batch_size} is not a multiple of micro_batch_size "
                            f"{cfg.micro_batch_size} x {data_parallel} data-parallel ranks")
     pl.seed_everything(cfg.seed, workers=True)
-    monitor, history = ExpertLoadMonitor(), LossHistory()
+    monitor, history, stopper = ExpertLoadMonitor(), LossHistory(), StopAtStepEndOnSigterm()
     engine = isinstance(trainer_args.get("strategy"), MegatronParallelStrategy)
     # The engine runs a global batch's micro-batches itself; Lightning accumulates them for the torch backend.
     accumulate = 1 if engine else cfg.global_batch_size // (cfg.micro_batch_size * data_parallel)
     if isinstance(trainer_args.get("val_check_interval"), int):  # optimizer steps on either backend, as in NeMo;
         trainer_args["val_check_interval"] *= accumulate        # Lightning counts the micro-batches it accumulates
-    trainer = pl.Trainer(**trainer_args, callbacks=[monitor, history], accumulate_grad_batches=accumulate)
+    trainer = pl.Trainer(**trainer_args, callbacks=[monitor, history, stopper], accumulate_grad_batches=accumulate)
     if engine:
         trainer.strategy.setup_environment()  # parallel_state must exist before the Megatron model is built
     em = OmegaConf.to_container(cfg.exp_manager, resolve=True)
@@ -174,6 +186,9 @@ def train(cfg: DictConfig) -> TrainResult:
     start = time.perf_counter()
     trainer.fit(model)
     seconds = time.perf_counter() - start
+    if stopper.stopped_at is not None:
+        checkpoint = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
+        raise Preempted(stopper.stopped_at, trainer.max_steps, checkpoint or None, bool(em.get("resume_if_exists")))
     if model.engine is not None:
         model.engine.sync_params()
     nemo_path = Path(cfg.save_nemo) if cfg.save_nemo else exp_dir / f"{cfg.name}.nemo"

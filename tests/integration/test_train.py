@@ -293,7 +293,8 @@ def test_val_check_interval_counts_optimizer_steps_with_accumulation(workdir, mo
 
 
 def test_sigterm_stops_training_at_the_end_of_a_step_with_one_line(workdir):
-    """A scheduler's kill mid-run: Lightning finishes the step, and the command exits 143 with one line."""
+    """A scheduler's kill mid-run: training ends its step, the command exits 143 with one line naming the
+    checkpoint it saved, and no .nemo of the unfinished model is written."""
     import signal
     import subprocess
     import sys
@@ -302,7 +303,7 @@ def test_sigterm_stops_training_at_the_end_of_a_step_with_one_line(workdir):
     overrides = [f"restore_from={workdir / 'moe.nemo'}", f"data.data_prefix=[{workdir / 'data' / 'code_text_document'}]",
                  f"exp_manager.exp_dir={workdir / 'exp'}", "name=sigterm", "data.splits_string='90,10,0'",
                  "micro_batch_size=2", "global_batch_size=4", "trainer.max_steps=100000", "trainer.val_check_interval=100000",
-                 "trainer.enable_progress_bar=false"]
+                 "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false"]
     proc = subprocess.Popen([sys.executable, "-m", "nemo_upcycle.cli", "train", *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen, deadline = "", time.monotonic() + 180
@@ -314,7 +315,45 @@ def test_sigterm_stops_training_at_the_end_of_a_step_with_one_line(workdir):
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, rest[-3000:]
-    assert "terminated at the end of a training step" in rest and "Traceback" not in rest, rest[-3000:]
+    assert "Traceback" not in rest, rest[-3000:]
+    [line] = [x for x in rest.splitlines() if x.startswith("terminated after step ")]
+    assert line.endswith("-last.ckpt, and the same command resumes from it"), line
+    assert Path(line.split("its checkpoint is ")[1].split(", and")[0]).is_file()
+    assert not (workdir / "exp" / "sigterm" / "sigterm.nemo").exists()  # the trained model's .nemo
+
+
+def test_sigterm_mid_accumulation_ends_the_step_and_resumes_exactly(workdir, monkeypatch):
+    """micro_batch_size 2, global_batch_size 4: two micro-batches per optimizer step. SIGTERM during step 3's first
+    micro-batch ends training after step 3, not halfway through it (Lightning's own handler stops there, with half
+    a gradient and no checkpoint); the checkpoint holds step 3, and resuming it to step 5 gives the weights of an
+    uninterrupted 5-step run."""
+    import os
+    import signal
+
+    from nemo_upcycle.train.callbacks import ExpertLoadMonitor
+    from nemo_upcycle.train.run import Preempted
+
+    args = [f"restore_from={workdir / 'moe.nemo'}", "backend=torch", "trainer.val_check_interval=100",
+            "trainer.limit_val_batches=1", "optim.sched.warmup_steps=1"]
+    record = ExpertLoadMonitor.on_train_batch_end
+
+    def record_then_kill_at_the_fifth_micro_batch(self, trainer, pl_module, outputs, batch, batch_idx):
+        record(self, trainer, pl_module, outputs, batch, batch_idx)
+        if batch_idx == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ExpertLoadMonitor, "on_train_batch_end", record_then_kill_at_the_fifth_micro_batch)
+        with pytest.raises(Preempted, match=r"^terminated after step 3 of 5: its checkpoint is .*-last\.ckpt") as stop:
+            train(run_config(workdir, *args, "name=preempted", "trainer.max_steps=5"))
+    assert stop.value.step == 3 and Path(stop.value.checkpoint).is_file()
+    resumed = train(run_config(workdir, *args, "name=preempted", "trainer.max_steps=5"))
+    straight = train(run_config(workdir, *args, "name=uninterrupted", "trainer.max_steps=5"))
+    assert resumed.steps == straight.steps == 5
+    a, b, start = weights(resumed.model), weights(straight.model), weights(build_model(run_config(workdir, *args)))
+    assert max((b[k] - start[k]).abs().max().item() for k in b) > 1e-4  # five steps moved the weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
 def test_tie_virtual_groups_keeps_whole_groups_while_the_router_learns(workdir):
