@@ -268,6 +268,8 @@ def check_options(read: ReadOptions, write: WriteOptions, verify: VerifyOptions 
     size = write.max_shard_size
     if size is not None and (isinstance(size, bool) or parse_size(size) < 1):
         raise UpcycleError(f"max shard size {size!r} is not a size such as 5GB, 500MB or 2GiB")
+    if size is not None and write.format != "hf":
+        raise UpcycleError(f"max_shard_size applies to output_format=hf only, not {write.format}: drop it")
 
 
 def _verify(reader: CheckpointReader, output_path: Path, recipe: UpcycleConfig | None, verify: VerifyOptions,

@@ -162,8 +162,6 @@ def run(args: argparse.Namespace) -> int:
     verify = None if args.verify is None else VerifyOptions(args.verify, threshold=args.verify_threshold)
     read = ReadOptions(args.input_format, gguf_dtype=getattr(torch, args.gguf_dtype))
     check_options(read, write, verify)  # a bad option is named before the model config file is read
-    if args.max_shard_size is not None and write.format != "hf":
-        raise UpcycleError(f"--max-shard-size applies to --format hf only, not {write.format}: drop it")
     text = read_verify_text(args.verify_data)  # a wrong path is named even without --verify
     verify = None if verify is None else replace(verify, text=text)
     read = replace(read, model_config=load_model_config(args.model_config))

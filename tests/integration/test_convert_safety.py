@@ -235,13 +235,32 @@ def test_the_hydra_path_takes_every_option_and_refuses_unknown_ones(dense_dir, t
                            ({"gguf_dtype": "int8"}, "gguf_dtype must be one of"),
                            ({"verify": 0, "verify_threshold": -1}, "must be a finite relative loss gap"),
                            ({"verify_data": str(tmp_path / "nope.txt")}, f"verify_data={tmp_path / 'nope.txt'} is not a file"),
-                           ({"verify_data": 3}, "verify_data=3 is not a file")):
+                           ({"verify_data": 3}, "verify_data=3 is not a file"),
+                           ({"max_shard_size": "1GB"}, "max_shard_size applies to output_format=hf only, not nemo")):
         one_line_error(lambda: convert_from_config({**base, **extra}), message)
     assert not (tmp_path / "o.nemo").exists()
     text = tmp_path / "text.txt"
     text.write_text("Rivers carry sand to the sea. " * 40)
     summary = convert_from_config({**base, "verify": 0, "verify_data": str(text), "verify_threshold": 0.5})
     assert summary.verify["status"] == "PASSED"
+
+
+def test_the_shipped_hydra_config_converts_with_its_defaults_and_shards_only_hf(dense_dir, tmp_path):
+    """conf/upcycle.yaml as examples/convert.py composes it: its defaults convert a .nemo (a max_shard_size default
+    was refused there for every output but hf), and a shard size given for a .nemo output is a one-line error."""
+    from omegaconf import OmegaConf
+
+    from nemo_upcycle.convert import convert_from_config
+    from nemo_upcycle.train.run import load_config
+
+    def composed(*overrides: str) -> dict:
+        cfg = load_config([f"input={dense_dir}", f"output={tmp_path / 'o.nemo'}", *overrides], config_name="upcycle")
+        return OmegaConf.to_container(cfg, resolve=True)
+
+    one_line_error(lambda: convert_from_config(composed("max_shard_size=2GB")),
+                   "max_shard_size applies to output_format=hf only, not nemo: drop it")
+    summary = convert_from_config(composed("recipe.shorthand=E2G2T2"))
+    assert (tmp_path / "o.nemo").is_file() and "E2G2T2" in summary.table()
 
 
 def test_interrupted_run_leaves_nothing_that_looks_complete(dense_dir, tmp_path, monkeypatch):
