@@ -42,7 +42,8 @@ TRAINING_COMMANDS = ("train", "demo")
 FLAGS = {"output_format": "--format", "hf_arch": "--hf-arch", "target_engine": "--target-engine",
          "model_config": "--model-config", "tasks": "--tasks", "data_dir": "--data-dir", "num_fewshot": "--num-fewshot",
          "verify_data": "--verify-data", "verify_threshold": "--verify-threshold", "device": "--device",
-         "router_init": "--router-init", "max_shard_size": "--max-shard-size", "limit": "--limit", "sample": "--sample", "batch_size": "--batch-size"}
+         "router_init": "--router-init", "max_shard_size": "--max-shard-size", "limit": "--limit",
+         "sample": "--sample", "batch_size": "--batch-size"}
 BARE = ("hf_arch", "target_engine", "data_dir", "max_shard_size")
 _FIELD = re.compile(r"\b(?:(" + "|".join(FLAGS) + r")=|(" + "|".join(BARE) + r")\b)")
 
