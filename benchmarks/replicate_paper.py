@@ -30,6 +30,8 @@ order (and random router rows); every arm of one seed sees the same batches, so 
     python benchmarks/replicate_paper.py --quick    # 10 steps per arm: checks the path, not the findings
     python benchmarks/replicate_paper.py --steps 4000 --arms "dense continued" E8G1T2 E8G8T8   # the payoff at
                          # 8M tokens (README): per seed 10 + 16 + 22 min on 2 shared cores; --seeds 1 halves it
+    python benchmarks/replicate_paper.py --corpus .venv/lib/python3.11/site-packages/pandas --steps 4000 \
+        --lr 1.2e-3 --arms "dense continued" E8G1T2 "E8G8T8 groups tied"   # the same on fresh tokens (README)
 """
 
 from __future__ import annotations
@@ -168,11 +170,18 @@ def findings(s: dict[str, dict]) -> list[list[str]]:
 
 
 # What every run of one learning-rate sweep shares.
-SWEEP_SHAPE = ("dense", "steps", "batch", "seq", "val_batches")
+SWEEP_SHAPE = ("dense", "corpus", "steps", "batch", "seq", "val_batches")
+SHAPE_DEFAULTS = {"corpus": "stdlib"}  # what results written before a field existed ran
+
+
+def corpus_name(folders: list[Path] | None) -> str:
+    """What results.json records as the continued-training corpus: "stdlib", or the --corpus folders' names."""
+    return "stdlib" if folders is None else "_".join(f.resolve().name for f in folders)
 
 
 def run_shape(meta: dict, keys: tuple[str, ...]) -> dict:
     """The given fields of a results.json meta, with the dense checkpoint by file name, not by where it was."""
+    meta = {**SHAPE_DEFAULTS, **meta}
     return {**{k: meta[k] for k in keys}, "dense": Path(meta["dense"]).name}
 
 
@@ -194,11 +203,12 @@ def sweep_records(sources: list[Path]) -> dict:
             new = [{"arm": arm + ("" if arm == "dense continued" else suffix), "lr": meta["lr"], "seed": r["seed"],
                     "after": r["after"], "seconds": r["seconds"]} for arm, runs in data["runs"].items() for r in runs]
         else:
-            got, new = {k: data[k] for k in SWEEP_SHAPE}, data["runs"]
+            got, new = run_shape(data, SWEEP_SHAPE), data["runs"]
             notes.update(data.get("notes", {}))
         if shape not in (None, got):
             raise SystemExit(f"--sweep: {src} ran {got}, the sources before it {shape}: a sweep compares peak "
-                             "learning rates of one dense model at one run length and batch; give --sweep runs of one shape")
+                             "learning rates of one dense model on one corpus at one run length and batch; give --sweep runs "
+                             "of one shape")
         shape = got
         records.update({(r["arm"], r["lr"], r["seed"]): r for r in new})
     rank = {name: i for i, name in enumerate(ARMS)}
@@ -226,8 +236,8 @@ def merge_records(folders: list[Path]) -> tuple[dict[str, list[dict]], dict]:
             meta = source["meta"]
         elif got != shape:
             raise SystemExit(f"--merge: {folder} ran {got}, the folders before it {shape}: one table compares arms "
-                             "at one setting; give --merge runs with the same --dense/--steps/--batch/--lr/"
-                             "--val-batches/--moe-overrides")
+                             "at one setting; give --merge runs with the same --dense/--corpus/--steps/--batch/"
+                             "--lr/--val-batches/--moe-overrides")
         shape = got
         for name, runs in source["runs"].items():
             rerun = {r["seed"] for r in runs}
@@ -286,6 +296,10 @@ def main() -> None:
                    help="seeds for the headline arms (dense, E8G1T2, E8G8T8, E8G8T8 groups tied)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
     p.add_argument("--val-batches", type=int, default=16, help="held-out batches for every loss")
+    p.add_argument("--corpus", type=Path, nargs="+", metavar="FOLDER",
+                   help="continue training on these folders' .py/.txt files instead of CPython's standard library "
+                        "(the dense model's pretraining corpus): fresh tokens, as the paper's continued training had; "
+                        "the held-out batches are their last 2%% of documents")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms to run")
     p.add_argument("--moe-overrides", nargs="+", default=[], metavar="KEY=VALUE",
                    help="extra conf/train.yaml overrides for every upcycled arm, after the arm's own (e.g. "
@@ -294,8 +308,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench_out/replicate_paper"), help="results folder")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="only write the table (in --out) of the runs in these folders' results.json: arms split over "
-                        "several processes with the same --dense/--steps/--batch/--lr/--val-batches/--moe-overrides "
-                        "(a folder of another setting is refused); a later folder's run of an arm and seed replaces an earlier one's")
+                        "several processes with the same --dense/--corpus/--steps/--batch/--lr/--val-batches/"
+                        "--moe-overrides (a folder of another setting is refused); a later folder's run of an arm and "
+                        "seed replaces an earlier one's")
     p.add_argument("--sweep", type=Path, nargs="+", metavar="SRC",
                    help="only write a learning-rate sweep (lr_sweep.md, lr_sweep.json in --out) from results folders "
                         "of runs at several --lr and sweep .json files, e.g. "
@@ -315,7 +330,8 @@ def main() -> None:
         results, meta = merge_records(args.merge)
         args.steps, args.batch, args.lr = meta["steps"], meta["batch"], meta["lr"]
         args.moe_overrides = meta.get("moe_overrides", [])
-        print(write_results(results, args, Path(meta["dense"]), meta["val_batches"], meta["seq"]))
+        print(write_results(results, args, Path(meta["dense"]), run_shape(meta, ("corpus",))["corpus"],
+                            meta["val_batches"], meta["seq"]))
         return
 
     from nemo_upcycle.checkpoint import load_tokenizer_of
@@ -327,9 +343,10 @@ def main() -> None:
     dense = args.dense or PLATEAU_DENSE
     out = args.out
     tokenizer = load_tokenizer_of(dense)
-    prefix = out / "data" / f"stdlib_{type(tokenizer).__name__}"
+    corpus = args.corpus or [stdlib_root()]
+    prefix = out / "data" / f"{corpus_name(args.corpus)}_{type(tokenizer).__name__}"
     if not Path(f"{prefix}_text_document.idx").exists():
-        preprocess([stdlib_root()], prefix, tokenizer, workers=2, overwrite=True)
+        preprocess(corpus, prefix, tokenizer, workers=2, overwrite=True)
     data = Path(f"{prefix}_text_document")
     held_out = held_out_batches(dense, data, args.val_batches, args.batch)
 
@@ -340,12 +357,13 @@ def main() -> None:
         [(a, seeds[0]) for a in args.arms if a not in HEADLINE]  # the headline comparison first, with all its seeds
     for name, seed in order:
         results.setdefault(name, []).append(run_arm(name, seed, args, dense, data, held_out))
-        report = write_results({a: results[a] for a in args.arms if a in results}, args, dense, len(held_out),
-                               held_out[0].shape[1])  # after every run: a cut-short run still leaves its table
+        # after every run: a cut-short run still leaves its table
+        report = write_results({a: results[a] for a in args.arms if a in results}, args, dense,
+                               corpus_name(args.corpus), len(held_out), held_out[0].shape[1])
     print(f"\n{report}\nwritten to {out}/results.md, results.json, loss_curves.png")
 
 
-def write_results(results: dict[str, list[dict]], args, dense: Path, val_batches: int, seq: int) -> str:
+def write_results(results: dict[str, list[dict]], args, dense: Path, corpus: str, val_batches: int, seq: int) -> str:
     """results.md (table + findings), results.json and loss_curves.png in args.out; returns the markdown."""
     from nemo_upcycle.report import markdown_table
     from nemo_upcycle.train.plots import plot_loss_curves
@@ -361,16 +379,17 @@ def write_results(results: dict[str, list[dict]], args, dense: Path, val_batches
                             "whole-group routings after (G>1)", "seconds per run"], rows)
     verdicts = markdown_table(["finding", "measured", "reproduced"], findings(s))
     tokens = args.steps * args.batch * (seq - 1)
-    header = (f"Dense source {dense}; {args.steps} steps x {args.batch} sequences (~{tokens / 1e6:.2f}M tokens) per "
-              f"run, warmup then cosine lr {args.lr:g} -> {args.lr / 10:g}, aux loss 1e-2; val loss = mean over "
-              f"{val_batches} held-out batches (nats/token); +- is half the range over seeds."
+    header = (f"Dense source {dense}; continued training on {corpus}: {args.steps} steps x {args.batch} sequences "
+              f"(~{tokens / 1e6:.2f}M tokens) per run, warmup then cosine lr {args.lr:g} -> {args.lr / 10:g}, aux loss "
+              f"1e-2; val loss = mean over {val_batches} held-out batches (nats/token); +- is half the range over seeds."
               + (f" Upcycled arms also trained with {' '.join(args.moe_overrides)}." if args.moe_overrides else ""))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     report = f"{header}\n\n{table}\n\n{verdicts}\n"
     (out / "results.md").write_text(report)
     meta = {"dense": str(dense), "val_batches": val_batches, "seq": seq, "steps": args.steps, "batch": args.batch,
-            "lr": args.lr, "moe_overrides": args.moe_overrides}
+            "lr": args.lr, "moe_overrides": args.moe_overrides,
+            "corpus": corpus}
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": s, "runs": results}, indent=2))
     plot_loss_curves({name: runs[0]["curve"] for name, runs in results.items()}, out / "loss_curves.png",
                      "Continued training from the plateaued dense model (seed 0)", baseline="dense continued")

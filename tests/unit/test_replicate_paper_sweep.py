@@ -18,10 +18,12 @@ def bench():
     return module
 
 
-def run_folder(path: Path, lr: float, runs: dict, overrides: list[str] = (), steps: int = 4000) -> Path:
-    """A results folder as a run of replicate_paper.py writes it (only the fields --sweep reads)."""
+def run_folder(path: Path, lr: float, runs: dict, overrides: list[str] = (), steps: int = 4000,
+               corpus: str | None = None) -> Path:
+    """A results folder as a run of replicate_paper.py writes it (only the fields --sweep reads); without `corpus`,
+    as runs before --corpus existed wrote it (no corpus field: they all continued on the stdlib)."""
     meta = {**SHAPE, "dense": f"/somewhere/else/{SHAPE['dense']}", "steps": steps, "lr": lr,
-            "moe_overrides": list(overrides)}
+            "moe_overrides": list(overrides), **({} if corpus is None else {"corpus": corpus})}
     runs = {arm: [{"seed": seed, "after": after, "seconds": 1.0} for seed, after in by_seed.items()]
             for arm, by_seed in runs.items()}
     path.mkdir()
@@ -39,7 +41,7 @@ def test_sweep_pairs_each_run_with_the_best_dense_and_the_same_lr(bench, tmp_pat
         {"arm": "E8G1T2", "lr": 1e-3, "seed": 1, "after": 1.29, "seconds": 1.0},
         {"arm": "E8G1T2", "lr": 1e-3, "seed": 0, "after": 9.99, "seconds": 1.0}]}))
     sweep = bench.sweep_records([old, hi, lo, tweak])
-    assert {k: sweep[k] for k in SHAPE} == SHAPE and sweep["notes"] == {"E8G1T2": "kept"}
+    assert {k: sweep[k] for k in SHAPE} == SHAPE and sweep["corpus"] == "stdlib" and sweep["notes"] == {"E8G1T2": "kept"}
     after = {(r["arm"], r["lr"], r["seed"]): r["after"] for r in sweep["runs"]}
     assert after[("E8G1T2", 1e-3, 0)] == 1.10  # the later folder replaced the file's seed-0 run
     assert after[("E8G1T2", 1e-3, 1)] == 1.29 and after[("E8G1T2, expert_lr_mult=2", 1e-3, 0)] == 1.00
@@ -61,10 +63,11 @@ def test_sweep_pairs_each_run_with_the_best_dense_and_the_same_lr(bench, tmp_pat
     assert paired[("E8G1T2, expert_lr_mult=2", "0.001", "0")] == ["-20.00%", "-20.00%"]
 
 
-def test_sweep_refuses_runs_of_another_length(bench, tmp_path):
+@pytest.mark.parametrize("other", [dict(steps=500), dict(corpus="pandas")])
+def test_sweep_refuses_runs_of_another_length_or_corpus(bench, tmp_path, other):
     a = run_folder(tmp_path / "a", 3e-3, {"dense continued": {0: 1.3}})
-    b = run_folder(tmp_path / "b", 1e-3, {"dense continued": {0: 1.3}}, steps=500)
-    with pytest.raises(SystemExit, match="one run length"):
+    b = run_folder(tmp_path / "b", 1e-3, {"dense continued": {0: 1.3}}, **other)
+    with pytest.raises(SystemExit, match="one corpus at one run length"):
         bench.sweep_records([a, b])
 
 
@@ -88,9 +91,13 @@ def test_merge_joins_arms_of_one_setting_and_a_later_run_of_a_seed_replaces_the_
     assert list(results) == ["dense continued", "E8G1T2", "E8G8T8"]  # ARMS order, not the folders'
     assert [(r["seed"], r["after"]) for r in results["dense continued"]] == [(0, 1.29), (1, 1.28)]
     assert meta["lr"] == 3e-3 and meta["steps"] == 4000
+    # a run that records its corpus as the stdlib merges with one from before the field (which ran on it too)
+    c = run_folder(tmp_path / "c", 3e-3, {"E8G1T2": {1: 1.21}}, corpus="stdlib")
+    assert [r["seed"] for r in bench.merge_records([a, c])[0]["E8G1T2"]] == [1]
 
 
-@pytest.mark.parametrize("other", [dict(lr=1e-3), dict(steps=500), dict(overrides=["expert_lr_mult=2"])])
+@pytest.mark.parametrize("other", [dict(lr=1e-3), dict(steps=500), dict(overrides=["expert_lr_mult=2"]),
+                                   dict(corpus="pandas")])
 def test_merge_refuses_folders_of_another_setting(bench, tmp_path, other):
     a = run_folder(tmp_path / "a", 3e-3, {"dense continued": {0: 1.3}})
     b = run_folder(tmp_path / "b", other.pop("lr", 3e-3), {"E8G1T2": {0: 1.2}}, **other)
